@@ -1,0 +1,107 @@
+// Element types shared by the C++ (CPU) and CUDA kernels.
+//
+// Storage is plain: float, or the 16 raw bits of a float16/bfloat16 value. Arithmetic is always
+// float32. Conversions round to nearest even, like torch's. The file includes no standard header
+// so that CUDA's runtime compiler (NVRTC, the cupy backend) can read it too.
+#pragma once
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define DIFFRL_HD __host__ __device__ __forceinline__
+#define DIFFRL_DEVICE_CODE 1
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#else
+#define DIFFRL_HD inline
+#endif
+#if !defined(__CUDACC_RTC__)
+#include <cstring>
+#endif
+
+namespace diffrl {
+
+// dtype codes shared with Python (diffrl/ops/_native.py)
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+template <int DT> struct Storage;
+template <> struct Storage<kFloat32> { typedef float type; };
+template <> struct Storage<kFloat16> { typedef unsigned short type; };
+template <> struct Storage<kBFloat16> { typedef unsigned short type; };
+
+DIFFRL_HD unsigned int float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  unsigned int u;
+  std::memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+
+DIFFRL_HD float bits_float(unsigned int u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+// ---- bfloat16: the top half of a float32 ----
+DIFFRL_HD float bf16_to_float(unsigned short h) { return bits_float(static_cast<unsigned int>(h) << 16); }
+
+DIFFRL_HD unsigned short float_to_bf16(float f) {
+  unsigned int u = float_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<unsigned short>((u >> 16) | 0x0040u);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return static_cast<unsigned short>(u >> 16);
+}
+
+// ---- float16 ----
+DIFFRL_HD float half_to_float(unsigned short h) {
+#if defined(__CUDA_ARCH__)
+  return __half2float(__ushort_as_half(h));
+#else
+  const unsigned int sign = static_cast<unsigned int>(h & 0x8000u) << 16;
+  const unsigned int exp = (h >> 10) & 0x1fu;
+  const unsigned int mant = h & 0x3ffu;
+  if (exp == 0) {  // zero or subnormal: mant * 2^-24 is exact in float32
+    return bits_float(sign | float_bits(static_cast<float>(mant) * 5.9604644775390625e-8f));
+  }
+  if (exp == 31) return bits_float(sign | 0x7f800000u | (mant << 13));  // inf / nan
+  return bits_float(sign | ((exp + 112u) << 23) | (mant << 13));
+#endif
+}
+
+DIFFRL_HD unsigned short float_to_half(float f) {
+#if defined(__CUDA_ARCH__)
+  return __half_as_ushort(__float2half_rn(f));
+#else
+  unsigned int u = float_bits(f);
+  const unsigned short sign = static_cast<unsigned short>((u >> 16) & 0x8000u);
+  unsigned int a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return sign | 0x7e00u;   // nan
+  if (a >= 0x477ff000u) return sign | 0x7c00u;  // rounds to inf (>= 65520)
+  if (a < 0x38800000u) {
+    // subnormal half (or zero): adding 0.5f puts the float ulp at 2^-24, so the hardware add does
+    // the round-to-nearest-even; the low bits are then the half's mantissa.
+    float r = bits_float(a) + 0.5f;
+    return sign | static_cast<unsigned short>(float_bits(r) - 0x3f000000u);
+  }
+  const unsigned int odd = (a >> 13) & 1u;
+  a += 0xc8000fffu + odd;  // rebias exponent (127 -> 15) and round to nearest even
+  return sign | static_cast<unsigned short>(a >> 13);
+#endif
+}
+
+template <int DT> DIFFRL_HD float load_f(const typename Storage<DT>::type* p, long long i);
+template <> DIFFRL_HD float load_f<kFloat32>(const float* p, long long i) { return p[i]; }
+template <> DIFFRL_HD float load_f<kFloat16>(const unsigned short* p, long long i) { return half_to_float(p[i]); }
+template <> DIFFRL_HD float load_f<kBFloat16>(const unsigned short* p, long long i) { return bf16_to_float(p[i]); }
+
+template <int DT> DIFFRL_HD typename Storage<DT>::type to_storage(float f);
+template <> DIFFRL_HD float to_storage<kFloat32>(float f) { return f; }
+template <> DIFFRL_HD unsigned short to_storage<kFloat16>(float f) { return float_to_half(f); }
+template <> DIFFRL_HD unsigned short to_storage<kBFloat16>(float f) { return float_to_bf16(f); }
+
+}  // namespace diffrl

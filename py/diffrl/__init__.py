@@ -1,0 +1,9 @@
+"""diffrl: fused kernels, samplers and trainers for reinforcement-learning fine-tuning of diffusion models."""
+
+__version__ = "0.1.0"
+
+from diffrl import ops, schedules  # noqa: E402
+from diffrl.ops import SDEStepOutput, sde_step  # noqa: E402
+from diffrl.schedules import StepCoeffs  # noqa: E402
+
+__all__ = ["__version__", "ops", "schedules", "sde_step", "SDEStepOutput", "StepCoeffs"]

@@ -1,0 +1,40 @@
+"""Loads the compiled extension diffrl._C, if this install has one; never raises."""
+
+from __future__ import annotations
+
+import functools
+
+
+@functools.lru_cache(maxsize=None)
+def load():
+    """(module or None, reason it is missing or '')."""
+    try:
+        from diffrl import _C  # noqa: PLC0415
+    except ImportError as e:  # a pure-Python install, or a build for another Python
+        return None, f"diffrl._C is not importable ({e}); reinstall with `pip install -e .` to build it"
+    return _C, ""
+
+
+@functools.lru_cache(maxsize=None)
+def build_info() -> dict:
+    mod, _ = load()
+    return dict(mod.build_info()) if mod is not None else {}
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_runtime() -> tuple[int, str]:
+    """(number of devices the extension's CUDA runtime sees, error or '')."""
+    mod, reason = load()
+    if mod is None:
+        return 0, reason
+    if not hasattr(mod, "cuda_runtime_status"):
+        return 0, "diffrl._C was built without nvcc (no CUDA kernels in this build)"
+    n, err = mod.cuda_runtime_status()
+    return int(n), err
+
+
+# dtype codes of csrc/dtypes.h
+def dtype_code(dtype) -> int:
+    import torch  # noqa: PLC0415
+
+    return {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype]

@@ -1,0 +1,58 @@
+"""The ``diffrl`` command line: ``diffrl info`` (more subcommands arrive with the trainers and the demo)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def cmd_info(args) -> int:
+    import importlib.metadata as md
+    import platform
+
+    import torch
+
+    import diffrl
+    from diffrl import _native
+    from diffrl.ops import _dispatch
+    from diffrl.ops import sde as sde_step_mod
+
+    def version(pkg):
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    info = _native.build_info()
+    print(f"diffrl {diffrl.__version__}  (python {platform.python_version()}, {platform.machine()})")
+    print(f"torch {torch.__version__}  triton {version('triton')}  cupy {version('cupy-cuda13x')}")
+    if info:
+        archs = info.get("cuda_archs") or "-"
+        print(f"extension diffrl._C: CUDA kernels {'yes' if info['cuda'] else 'no'} (archs {archs}), "
+              f"OpenMP {'yes' if info['openmp'] else 'no'} ({info['omp_max_threads']} threads)")
+    else:
+        print(f"extension diffrl._C: missing ({_native.load()[1]})")
+    if torch.cuda.is_available():
+        print(f"GPU: {torch.cuda.get_device_name()} (capability {'.'.join(map(str, torch.cuda.get_device_capability()))})")
+    else:
+        print("GPU: none visible to torch")
+    print("backends:")
+    for name, (ok, reason) in _dispatch.describe().items():
+        print(f"  {name:<7} {'available' if ok else 'unavailable'}{'' if ok else ': ' + reason}")
+    for dev in ("cpu",) + (("cuda",) if torch.cuda.is_available() else ()):
+        chosen = _dispatch.resolve("sde_step", sde_step_mod.IMPLEMENTED, "auto", torch.device(dev))
+        print(f"auto on {dev}: sde_step -> {chosen}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="diffrl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="version, build and the backends available here")
+    p.set_defaults(func=cmd_info)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
