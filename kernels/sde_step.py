@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from diffrl.ops import _alloc
+
 BLOCK = 4096  # elements per program; also the reduction chunk
 LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -154,12 +156,12 @@ def sde_step_forward(x, v, vu, w, noise, prev_in, vr, vru, a, c, s, reduce_sum, 
     nch = triton.cdiv(D, BLOCK)
     tasks = B * nch
     sampling = noise is not None
-    prev_out = torch.empty_like(x) if sampling else x.new_empty(0)
-    mean = torch.empty_like(x) if return_mean else x.new_empty(0)
+    prev_out = _alloc.empty_like(x) if sampling else x.new_empty(0)
+    mean = _alloc.empty_like(x) if return_mean else x.new_empty(0)
     has_kl = vr is not None
-    part = torch.empty(2 * tasks if has_kl else tasks, dtype=torch.float32, device=x.device)
-    log_prob = torch.empty(B, dtype=torch.float32, device=x.device)
-    kl = torch.empty(B, dtype=torch.float32, device=x.device) if has_kl else x.new_empty(0, dtype=torch.float32)
+    part = _alloc.empty(2 * tasks if has_kl else tasks, dtype=torch.float32, device=x.device)
+    log_prob = _alloc.empty(B, dtype=torch.float32, device=x.device)
+    kl = _alloc.empty(B, dtype=torch.float32, device=x.device) if has_kl else x.new_empty(0, dtype=torch.float32)
     _sde_step_fwd_kernel[(tasks,)](
         x, v, _or(vu, x), float(w), _or(noise, x), _or(prev_in, x), _or(vr, x), _or(vru, x),
         a, c, s, prev_out if sampling else x, mean if return_mean else x, part,
@@ -182,7 +184,7 @@ def sde_step_backward(x, v, vu, w, prev, vr, vru, a, c, s, g_log_prob, g_kl, g_p
     D = x.numel() // B
     nch = triton.cdiv(D, BLOCK)
     want = [bool(n) and t is not None for n, t in zip(needs, (x, v, vu, None if sampling else prev, vr, vru))]
-    outs = [torch.empty_like(x) if wnt else x.new_empty(0) for wnt in want]
+    outs = [_alloc.empty_like(x) if wnt else x.new_empty(0) for wnt in want]
     _sde_step_bwd_kernel[(B * nch,)](
         x, v, _or(vu, x), float(w), _or(prev, x), _or(vr, x), _or(vru, x), a, c, s,
         _or(g_log_prob, a), _or(g_kl, a), _or(g_prev, x), _or(g_mean, x),

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from diffrl import _native
-from diffrl.ops import _dispatch
+from diffrl.ops import _alloc, _dispatch
 from diffrl.ops._library import LIB
 from diffrl.ops.reference import sde_step_reference
 from diffrl.schedules import StepCoeffs
@@ -173,10 +173,10 @@ def _native_forward(kind, x, v, vu, w, noise, prev_in, vr, vru, a, c, s, reduce_
     B = x.shape[0]
     D = x.numel() // B
     sampling = noise is not None
-    prev_out = torch.empty_like(x) if sampling else x.new_empty(0)
-    mean = torch.empty_like(x) if return_mean else x.new_empty(0)
-    log_prob = torch.empty(B, dtype=torch.float32, device=x.device)
-    kl = torch.empty(B if vr is not None else 0, dtype=torch.float32, device=x.device)
+    prev_out = _alloc.empty_like(x) if sampling else x.new_empty(0)
+    mean = _alloc.empty_like(x) if return_mean else x.new_empty(0)
+    log_prob = _alloc.empty(B, dtype=torch.float32, device=x.device)
+    kl = _alloc.empty(B if vr is not None else 0, dtype=torch.float32, device=x.device)
     args = (_native.dtype_code(x.dtype), B, D, _ptr(x), _ptr(v), _ptr(vu), float(w), _ptr(noise), _ptr(prev_in),
             _ptr(vr), _ptr(vru), _ptr(a), _ptr(c), _ptr(s), _ptr(prev_out) if sampling else 0,
             _ptr(mean) if return_mean else 0, _ptr(log_prob), _ptr(kl) if vr is not None else 0)
@@ -184,7 +184,7 @@ def _native_forward(kind, x, v, vu, w, noise, prev_in, vr, vru, a, c, s, reduce_
         C.sde_step_forward_cpu(*args, int(reduce_sum))
     else:
         nch = -(-D // 4096)  # kChunk in csrc/sde_step.h
-        workspace = torch.empty(2 * B * nch, dtype=torch.float32, device=x.device)
+        workspace = _alloc.empty(2 * B * nch, dtype=torch.float32, device=x.device)
         with torch.cuda.device(x.device):
             stream = torch.cuda.current_stream(x.device).cuda_stream
             C.sde_step_forward_cuda(*args, _ptr(workspace), int(reduce_sum), stream)
@@ -197,7 +197,7 @@ def _native_backward(kind, x, v, vu, w, prev, vr, vru, a, c, s, g_log_prob, g_kl
     B = x.shape[0]
     D = x.numel() // B
     want = [bool(n) and t is not None for n, t in zip(needs, (x, v, vu, None if sampling else prev, vr, vru))]
-    outs = [torch.empty_like(x) if wnt else x.new_empty(0) for wnt in want]
+    outs = [_alloc.empty_like(x) if wnt else x.new_empty(0) for wnt in want]
     args = (_native.dtype_code(x.dtype), B, D, _ptr(x), _ptr(v), _ptr(vu), float(w), _ptr(prev), _ptr(vr), _ptr(vru),
             _ptr(a), _ptr(c), _ptr(s), _ptr(g_log_prob), _ptr(g_kl), _ptr(g_prev), _ptr(g_mean), int(sampling),
             int(reduce_sum), *[_ptr(o) if wnt else 0 for o, wnt in zip(outs, want)])
