@@ -82,6 +82,15 @@ void forward_impl(const ForwardArgs& p) {
   }
 }
 
+// Element-wise, in two stages per chunk: the gradient of the mean (g_mu) and of the reference mean
+// (g_mur) into small buffers, then one plain loop per wanted output, so that every loop vectorises
+// whichever gradients are asked for.
+template <int DT>
+void store_scaled(typename Storage<DT>::type* out, const float* g, float k, long long n) {
+  if (!out) return;
+  for (long long i = 0; i < n; ++i) out[i] = to_storage<DT>(g[i] * k);
+}
+
 template <int DT, bool GUID, bool SAMPLE, bool KL>
 void backward_impl(const BackwardArgs& p) {
   typedef typename Storage<DT>::type T;
@@ -93,53 +102,65 @@ void backward_impl(const BackwardArgs& p) {
   const T* vru = static_cast<const T*>(p.v_ref_uncond);
   const T* g_prev = static_cast<const T*>(p.g_prev);
   const T* g_mean = static_cast<const T*>(p.g_mean);
-  T* gx = static_cast<T*>(p.g_x);
-  T* gv = static_cast<T*>(p.g_v);
-  T* gvu = static_cast<T*>(p.g_v_uncond);
-  T* gxp = static_cast<T*>(p.g_prev_in);
-  T* gvr = static_cast<T*>(p.g_v_ref);
-  T* gvru = static_cast<T*>(p.g_v_ref_uncond);
   const long long B = p.B, D = p.D, nch = num_chunks(D);
   const float w = p.w;
   const float wc = GUID ? w : 1.f, wu = 1.f - w;
   // the log-prob term needs the residual only when scoring (in sampling mode it cancels)
   const bool need_r = !SAMPLE && p.g_log_prob != nullptr;
+  const bool need_q = KL && p.g_kl != nullptr;
 
 #pragma omp parallel for schedule(static)
   for (long long task = 0; task < B * nch; ++task) {
     const long long b = task / nch, ch = task % nch;
     const long long lo = b * D + ch * kChunk;
-    const long long hi = b * D + std::min(D, (ch + 1) * kChunk);
+    const long long n = std::min(D, (ch + 1) * kChunk) - ch * kChunk;
     const float a = p.a[b], c = p.c[b], s = p.s[b];
     const float inv_s2 = 1.f / (s * s);
     const float f = p.reduce_sum ? 1.f : 1.f / static_cast<float>(D);
     const float gl = p.g_log_prob ? p.g_log_prob[b] * f : 0.f;
-    const float gk = (KL && p.g_kl) ? p.g_kl[b] * f : 0.f;
-    for (long long j = lo; j < hi; ++j) {
-      float v = load_f<DT>(vc, j);
-      if (GUID) v = guided(v, load_f<DT>(vu, j), w);
-      float g_mu = g_mean ? load_f<DT>(g_mean, j) : 0.f;
-      if (SAMPLE && g_prev) g_mu += load_f<DT>(g_prev, j);
-      float r = 0.f;
-      if (need_r) {
-        const float mu = affine_mean(a, load_f<DT>(x, j), c, v);
-        r = (load_f<DT>(xp_in, j) - mu) * inv_s2;
-        g_mu += gl * r;
+    const float gk = need_q ? p.g_kl[b] * f : 0.f;
+    float g_mu[kChunk], g_mur[kChunk], g_r[kChunk];
+
+    for (long long i = 0; i < n; ++i) g_mu[i] = g_mean ? load_f<DT>(g_mean + lo, i) : 0.f;
+    if (SAMPLE && g_prev)
+      for (long long i = 0; i < n; ++i) g_mu[i] += load_f<DT>(g_prev + lo, i);
+    if (need_r) {
+      for (long long i = 0; i < n; ++i) {
+        float v = load_f<DT>(vc + lo, i);
+        if (GUID) v = guided(v, load_f<DT>(vu + lo, i), w);
+        const float mu = affine_mean(a, load_f<DT>(x + lo, i), c, v);
+        const float gr = gl * ((load_f<DT>(xp_in + lo, i) - mu) * inv_s2);
+        g_r[i] = gr;
+        g_mu[i] += gr;
       }
-      float g_mur = 0.f;
-      if (KL) {
-        float vref = load_f<DT>(vr, j);
-        if (GUID) vref = guided(vref, load_f<DT>(vru, j), w);
-        const float q = c * (v - vref) * inv_s2;
-        g_mu += gk * q;
-        g_mur = -gk * q;
+    }
+    if (need_q) {
+      for (long long i = 0; i < n; ++i) {
+        float v = load_f<DT>(vc + lo, i), vref = load_f<DT>(vr + lo, i);
+        if (GUID) {
+          v = guided(v, load_f<DT>(vu + lo, i), w);
+          vref = guided(vref, load_f<DT>(vru + lo, i), w);
+        }
+        const float gq = gk * (c * (v - vref) * inv_s2);
+        g_mu[i] += gq;
+        g_mur[i] = -gq;
       }
-      if (gx) gx[j] = to_storage<DT>(a * (g_mu + g_mur));
-      if (gv) gv[j] = to_storage<DT>(c * g_mu * wc);
-      if (GUID && gvu) gvu[j] = to_storage<DT>(c * g_mu * wu);
-      if (!SAMPLE && gxp) gxp[j] = to_storage<DT>(-gl * r);
-      if (KL && gvr) gvr[j] = to_storage<DT>(c * g_mur * wc);
-      if (KL && GUID && gvru) gvru[j] = to_storage<DT>(c * g_mur * wu);
+    } else {
+      for (long long i = 0; i < n; ++i) g_mur[i] = 0.f;
+    }
+    if (p.g_x) {
+      T* gx = static_cast<T*>(p.g_x) + lo;
+      for (long long i = 0; i < n; ++i) gx[i] = to_storage<DT>(a * (g_mu[i] + g_mur[i]));
+    }
+    store_scaled<DT>(static_cast<T*>(p.g_v) ? static_cast<T*>(p.g_v) + lo : nullptr, g_mu, c * wc, n);
+    if (GUID) store_scaled<DT>(p.g_v_uncond ? static_cast<T*>(p.g_v_uncond) + lo : nullptr, g_mu, c * wu, n);
+    if (!SAMPLE && p.g_prev_in) {
+      T* gxp = static_cast<T*>(p.g_prev_in) + lo;
+      for (long long i = 0; i < n; ++i) gxp[i] = to_storage<DT>(need_r ? -g_r[i] : 0.f);
+    }
+    if (KL) {
+      store_scaled<DT>(p.g_v_ref ? static_cast<T*>(p.g_v_ref) + lo : nullptr, g_mur, c * wc, n);
+      if (GUID) store_scaled<DT>(p.g_v_ref_uncond ? static_cast<T*>(p.g_v_ref_uncond) + lo : nullptr, g_mur, c * wu, n);
     }
   }
 }
