@@ -16,6 +16,7 @@ namespace py = pybind11;
 
 namespace diffrl {
 void bind_sde_step(py::module_& m);
+void bind_advantages(py::module_& m);
 }  // namespace diffrl
 
 namespace {
@@ -64,4 +65,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_runtime_status", &cuda_runtime_status);
 #endif
   diffrl::bind_sde_step(m);
+  diffrl::bind_advantages(m);
 }

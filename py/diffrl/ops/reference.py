@@ -75,3 +75,159 @@ def sde_step_reference(
         dk = c_ * (v - guide(ref_output, ref_uncond_output))
         kl = ((dk * dk).reshape(B, D).sum(dim=1) / (2.0 * s1 * s1) * f).to(log_prob.dtype)
     return prev, (mean.to(sample.dtype) if return_mean else None), log_prob, kl
+
+
+# ----------------------------------------------------------------------------------------------
+# group advantages, win rate, GRPO/PPO loss (issue 3)
+
+
+def global_std(cols: torch.Tensor) -> torch.Tensor:
+    """Population standard deviation (ddof = 0) of each column of ``cols`` [B, C] over the batch, float64 [C].
+
+    Shared by the reference and the fast backends' ``std="global"`` pre-pass, so that both use
+    the same number."""
+    return cols.to(torch.float64).var(dim=0, unbiased=False).sqrt()
+
+
+def _weighted_sum(cols: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    # sum_k cols[:, k] * w_k in the order k = 0, 1, ... starting from 0.0: the kernels' order
+    acc = torch.zeros(cols.shape[0], dtype=cols.dtype, device=cols.device)
+    for k in range(cols.shape[1]):
+        acc = acc + cols[:, k] * weights[k]
+    return acc
+
+
+def group_advantages_reference(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    std: str = "group",
+    eps: float = 1e-4,
+    clip: float | None = None,
+    reward_weights: torch.Tensor | None = None,
+    combine: str = "sum",
+    num_steps: int | None = None,
+    step_weights: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Group-normalised advantages (GRPO); the spec of ``diffrl.ops.group_advantages`` (inputs already validated).
+
+    All arithmetic is float64; the result is rounded once to ``out_dtype``.
+
+    1. Statistic columns ``x`` [B, C]: rewards [B] give one column; rewards [B, K] with
+       ``reward_weights`` w [K] give one column ``sum_k w_k r_k`` (combine="sum") or K columns
+       (combine="normalize_each"); rewards [B, T] without weights (``num_steps=T``) give T columns
+       (dense per-step rewards, DenseGRPO).
+    2. Per group g (rows with equal id) and column: ``mean_g``, and
+       ``A = (x - mean_g) / (sigma + eps)`` where sigma is the population std (ddof = 0) of the
+       group (std="group"), of the whole batch's column (std="global", Flow-GRPO's option: the
+       mean stays per group), or ``A = x - mean_g`` (std="none"). A group whose values in a column
+       are all equal (a group of one included) gives exactly 0 there, and so does a zero
+       denominator (possible only with eps = 0): never NaN or inf.
+    3. combine="normalize_each": ``A = sum_k w_k A_k``.
+    4. ``clip``: ``A = clamp(A, -clip, clip)`` (each column for dense rewards).
+    5. ``num_steps=T``: [B, T] — a single column broadcast over the steps — times ``step_weights`` [T].
+    """
+    x = rewards.to(torch.float64)
+    B = x.shape[0]
+    post = None
+    if x.dim() == 1:
+        cols = x[:, None]
+    elif reward_weights is not None:
+        w = reward_weights.to(device=x.device, dtype=torch.float64)
+        if combine == "sum":
+            cols = _weighted_sum(x, w)[:, None]
+        else:
+            cols, post = x, w
+    else:  # dense per-step rewards
+        cols = x
+    C = cols.shape[1]
+
+    uniq, inv = torch.unique(group_ids.to(torch.int64), return_inverse=True)
+    G = uniq.numel()
+    count = torch.bincount(inv, minlength=G).to(torch.float64)[:, None]
+    mean = torch.zeros(G, C, dtype=torch.float64, device=x.device).index_add_(0, inv, cols) / count
+    idx = inv[:, None].expand(B, C)
+    lo = torch.full((G, C), math.inf, dtype=torch.float64, device=x.device).scatter_reduce(0, idx, cols, "amin")
+    hi = torch.full((G, C), -math.inf, dtype=torch.float64, device=x.device).scatter_reduce(0, idx, cols, "amax")
+    tie = (lo == hi)[inv]
+    centred = cols - mean[inv]
+    if std == "group":
+        var = torch.zeros(G, C, dtype=torch.float64, device=x.device).index_add_(0, inv, centred * centred) / count
+        denom = var.sqrt()[inv] + eps
+    elif std == "global":
+        denom = (global_std(cols) + eps)[None, :].expand(B, C)
+    else:
+        denom = torch.ones(B, C, dtype=torch.float64, device=x.device)
+    adv = torch.where(tie | ~(denom > 0), torch.zeros((), dtype=torch.float64, device=x.device), centred / denom)
+    if post is not None:
+        adv = _weighted_sum(adv, post)[:, None]
+    if clip is not None:
+        adv = adv.clamp(-clip, clip)
+    if num_steps is None:
+        return adv[:, 0].to(out_dtype)
+    adv = adv.expand(B, num_steps)
+    if step_weights is not None:
+        adv = adv * step_weights.to(device=x.device, dtype=torch.float64)[None, :]
+    return adv.to(out_dtype).contiguous()
+
+
+def win_rate_reference(scores: torch.Tensor, group_ids: torch.Tensor, *, out_dtype: torch.dtype = torch.float32):
+    """Pref-GRPO's win rate, the spec of ``diffrl.ops.win_rate``: for each sample, the fraction of the
+    *other* members of its group that it beats, a tie counting one half; a sample alone in its
+    group gets 0.5. Pairwise by definition (computed in blocks of rows to bound the memory)."""
+    s = scores.to(torch.float64)
+    ids = group_ids.to(torch.int64)
+    out = torch.empty(s.shape[0], dtype=torch.float64, device=s.device)
+    for i0 in range(0, s.shape[0], 1024):
+        si, gi = s[i0:i0 + 1024, None], ids[i0:i0 + 1024, None]
+        same = gi == ids[None, :]
+        beats = ((si > s[None, :]) & same).sum(1).to(torch.float64)
+        ties = ((si == s[None, :]) & same).sum(1).to(torch.float64) - 1.0  # minus itself
+        n = same.sum(1).to(torch.float64)
+        out[i0:i0 + 1024] = torch.where(n > 1, (beats + 0.5 * ties) / (n - 1).clamp_min(1), 0.5)
+    return out.to(out_dtype)
+
+
+def grpo_loss_reference(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    clip_range,
+    kl: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+):
+    """The clipped PPO/GRPO surrogate, the spec of ``diffrl.ops.grpo_loss``; returns (loss, stats).
+
+        ratio = exp(log_prob - old_log_prob)
+        loss  = mean( max(-A ratio, -A clamp(ratio, 1 - eps_low, 1 + eps_high)) ) + kl_coef * mean(kl)
+
+    averaged over all samples and steps ([B] or [B, T]; advantages [B] broadcast over T).
+    ``old_log_prob`` and ``advantages`` are constants. Stats (0-d, no gradient): policy_loss, kl
+    (its mean, 0 without kl), clip_fraction (ratio outside [1 - eps_low, 1 + eps_high]), approx_kl
+    (0.5 mean (log_prob - old_log_prob)^2, as DDPO and Flow-GRPO log it), ratio_mean/min/max.
+    """
+    lo, hi = (clip_range, clip_range) if not isinstance(clip_range, (tuple, list)) else clip_range
+    adv = advantages.detach()
+    if adv.dim() < log_prob.dim():
+        adv = adv[:, None]
+    diff = log_prob - old_log_prob.detach()
+    ratio = torch.exp(diff)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - lo, 1.0 + hi)
+    policy = torch.maximum(unclipped, clipped).mean()
+    kl_mean = kl.mean() if kl is not None else torch.zeros((), dtype=log_prob.dtype, device=log_prob.device)
+    loss = policy + kl_coef * kl_mean
+    with torch.no_grad():
+        r = ratio.detach()
+        stats = {
+            "policy_loss": policy.detach(),
+            "kl": kl_mean.detach(),
+            "clip_fraction": ((r < 1.0 - lo) | (r > 1.0 + hi)).to(log_prob.dtype).mean(),
+            "approx_kl": 0.5 * (diff.detach() * diff.detach()).mean(),
+            "ratio_mean": r.mean(),
+            "ratio_min": r.min(),
+            "ratio_max": r.max(),
+        }
+    return loss, stats
