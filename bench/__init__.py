@@ -1,0 +1,1 @@
+"""diffrl benchmarks (not tests): ``python -m bench.run``; see bench/README.md."""
