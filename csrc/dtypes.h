@@ -51,10 +51,11 @@ DIFFRL_HD float bits_float(unsigned int u) {
 DIFFRL_HD float bf16_to_float(unsigned short h) { return bits_float(static_cast<unsigned int>(h) << 16); }
 
 DIFFRL_HD unsigned short float_to_bf16(float f) {
-  unsigned int u = float_bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<unsigned short>((u >> 16) | 0x0040u);  // quiet NaN
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
-  return static_cast<unsigned short>(u >> 16);
+  const unsigned int u = float_bits(f);
+  const unsigned int rounded = u + 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  const unsigned int nan = (u >> 16) | 0x0040u;                   // quiet NaN
+  // a select rather than a branch, so that CPU loops over it vectorise
+  return static_cast<unsigned short>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded >> 16);
 }
 
 // ---- float16 ----

@@ -36,32 +36,34 @@ void forward_impl(const ForwardArgs& p) {
     const long long hi = b * D + std::min(D, (ch + 1) * kChunk);
     const float a = p.a[b], c = p.c[b], s = p.s[b];
     float acc_sq[kLanes] = {0.f}, acc_kl[kLanes] = {0.f};
-    for (long long j0 = lo; j0 < hi; j0 += kLanes) {
-      const int n = static_cast<int>(std::min<long long>(kLanes, hi - j0));
-      for (int l = 0; l < n; ++l) {
-        const long long j = j0 + l;
-        float v = load_f<DT>(vc, j);
-        if (GUID) v = guided(v, load_f<DT>(vu, j), w);
-        const float mu = affine_mean(a, load_f<DT>(x, j), c, v);
-        float xp;
-        if (SAMPLE) {
-          const T stored = to_storage<DT>(mu + s * load_f<DT>(eps, j));
-          xout[j] = stored;
-          xp = load_f<DT>(&stored, 0);
-        } else {
-          xp = load_f<DT>(xin, j);
-        }
-        if (MEAN) mout[j] = to_storage<DT>(mu);
-        const float d = xp - mu;
-        acc_sq[l] += d * d;
-        if (KL) {
-          float vref = load_f<DT>(vr, j);
-          if (GUID) vref = guided(vref, load_f<DT>(vru, j), w);
-          const float dk = c * (v - vref);
-          acc_kl[l] += dk * dk;
-        }
+    // element j goes to lane (j - lo) % kLanes, always in the same order: the sum is fixed-order
+    auto element = [&](long long j, int l) {
+      float v = load_f<DT>(vc, j);
+      if (GUID) v = guided(v, load_f<DT>(vu, j), w);
+      const float mu = affine_mean(a, load_f<DT>(x, j), c, v);
+      float xp;
+      if (SAMPLE) {
+        const T stored = to_storage<DT>(mu + s * load_f<DT>(eps, j));
+        xout[j] = stored;
+        xp = load_f<DT>(&stored, 0);  // score what was stored (rounded), as scoring mode will
+      } else {
+        xp = load_f<DT>(xin, j);
       }
-    }
+      if (MEAN) mout[j] = to_storage<DT>(mu);
+      const float d = xp - mu;
+      acc_sq[l] += d * d;
+      if (KL) {
+        float vref = load_f<DT>(vr, j);
+        if (GUID) vref = guided(vref, load_f<DT>(vru, j), w);
+        const float dk = c * (v - vref);
+        acc_kl[l] += dk * dk;
+      }
+    };
+    long long j0 = lo;
+    // full groups with a compile-time trip count, so that the lane loop becomes vector code
+    for (; j0 + kLanes <= hi; j0 += kLanes)
+      for (int l = 0; l < kLanes; ++l) element(j0 + l, l);
+    for (int l = 0; j0 + l < hi; ++l) element(j0 + l, l);
     // fixed pairwise tree over the lanes
     for (int width = kLanes / 2; width > 0; width /= 2)
       for (int l = 0; l < width; ++l) {

@@ -33,8 +33,13 @@ def cuda_runtime() -> tuple[int, str]:
     return int(n), err
 
 
+_DTYPE_CODES: dict = {}
+
+
 # dtype codes of csrc/dtypes.h
 def dtype_code(dtype) -> int:
-    import torch  # noqa: PLC0415
+    if not _DTYPE_CODES:
+        import torch  # noqa: PLC0415
 
-    return {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype]
+        _DTYPE_CODES.update({torch.float32: 0, torch.float16: 1, torch.bfloat16: 2})
+    return _DTYPE_CODES[dtype]

@@ -63,6 +63,7 @@ class StepCoeffs:
         object.__setattr__(self, "c", c)
         object.__setattr__(self, "s", s)
         object.__setattr__(self, "stochastic", stochastic)
+        object.__setattr__(self, "_expanded", {})
 
     @property
     def device(self) -> torch.device:
@@ -80,12 +81,25 @@ class StepCoeffs:
         """Move to ``device`` without re-checking (and so without a device synchronisation)."""
         return StepCoeffs(self.a.to(device), self.c.to(device), self.s.to(device), _checked=(self.stochastic,))
 
-    def expand(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The three coefficients as contiguous float32 ``[batch]`` tensors."""
+    def expand(self, batch: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The three coefficients as contiguous float32 ``[batch]`` tensors (on ``device`` if given).
+
+        The result is memoised per (batch, device): a trainer scores the same step for several
+        minibatches, and three small allocations and copies are a visible part of a small call.
+        Treat a StepCoeffs as immutable (do not write into ``a``, ``c`` or ``s`` in place).
+        """
         n = self.batch_size
         if n is not None and n != batch:
             raise ValueError(f"coeffs have {n} per-sample values but the batch has {batch} samples")
-        return tuple(t.expand(batch).contiguous() for t in (self.a, self.c, self.s))
+        device = self.device if device is None else torch.device(device)
+        if torch.compiler.is_compiling():  # keep traced graphs free of Python-side state
+            return tuple(t.to(device).expand(batch).contiguous() for t in (self.a, self.c, self.s))
+        key = (batch, device)
+        hit = self._expanded.get(key)
+        if hit is None:
+            hit = tuple(t.to(device).expand(batch).contiguous() for t in (self.a, self.c, self.s))
+            self._expanded[key] = hit
+        return hit
 
     def __repr__(self) -> str:
         def fmt(t):

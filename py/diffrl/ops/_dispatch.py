@@ -76,14 +76,30 @@ def _runs_on(name: str, device: torch.device) -> bool:
     return False
 
 
+_resolved: dict[tuple, str] = {}
+
+
 def resolve(op: str, implemented: tuple[str, ...], backend: str, device: torch.device) -> str:
-    """The backend that will run ``op`` on tensors of ``device``; ValueError if the choice can't run."""
+    """The backend that will run ``op`` on tensors of ``device``; ValueError if the choice can't run.
+
+    Successful answers are memoised (keyed by everything they depend on, environment included):
+    this runs on every op call, and small-latent calls are dominated by such overheads.
+    """
+    key = (op, implemented, backend, device.type, os.environ.get("DIFFRL_BACKEND", ""), triton_interpret())
+    name = _resolved.get(key)
+    if name is None:
+        name = _resolve(op, implemented, backend, device)
+        _resolved[key] = name
+    return name
+
+
+def _resolve(op: str, implemented: tuple[str, ...], backend: str, device: torch.device) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"{op}: backend must be a string, got {type(backend).__name__}")
     if backend == "auto":
         forced = os.environ.get("DIFFRL_BACKEND", "").strip()
         if forced and forced != "auto":
-            return resolve(op, implemented, forced, device)
+            return _resolve(op, implemented, forced, device)
         for name in AUTO_ORDER.get(device.type, ("torch",)):
             if name in implemented and backend_status(name)[0] and _runs_on(name, device):
                 return name

@@ -88,7 +88,7 @@ def sde_step(
         noise = torch.randn(sample.shape, generator=generator, device=gen_device, dtype=sample.dtype).to(sample.device)
 
     B = sample.shape[0]
-    a, c, s = coeffs.to(sample.device).expand(B) if coeffs.device != sample.device else coeffs.expand(B)
+    a, c, s = coeffs.expand(B, sample.device)
     w = 1.0 if guidance_scale is None else float(guidance_scale)
 
     if name == "torch":
@@ -100,7 +100,13 @@ def sde_step(
 
     tensors = [t if t is None else t.contiguous() for t in
                (sample, model_output, uncond_output, noise, prev_sample, ref_output, ref_uncond_output)]
-    prev_out, mean, log_prob, kl = _SDEStepFunction.apply(*tensors, a, c, s, w, reduce == "sum", bool(return_mean), name)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        prev_out, mean, log_prob, kl = _SDEStepFunction.apply(*tensors, a, c, s, w, reduce == "sum",
+                                                              bool(return_mean), name)
+    else:  # no autograd node needed (sampling under no_grad, or plain inputs)
+        x, v, vu, noise, prev_in, vr, vru = tensors
+        prev_out, mean, log_prob, kl = _call_fwd(x, v, vu, w, noise, prev_in, vr, vru, a, c, s, reduce == "sum",
+                                                 bool(return_mean), name)
     return SDEStepOutput(
         prev_sample if prev_sample is not None else prev_out,
         log_prob,
@@ -172,14 +178,14 @@ def _native_forward(kind, x, v, vu, w, noise, prev_in, vr, vru, a, c, s, reduce_
     C, _ = _native.load()
     B = x.shape[0]
     D = x.numel() // B
-    sampling = noise is not None
-    prev_out = _alloc.empty_like(x) if sampling else x.new_empty(0)
-    mean = _alloc.empty_like(x) if return_mean else x.new_empty(0)
+    # absent outputs are None here (an allocation each is measurable on small latents); the
+    # torch.library wrapper turns them into empty tensors
+    prev_out = _alloc.empty_like(x) if noise is not None else None
+    mean = _alloc.empty_like(x) if return_mean else None
     log_prob = _alloc.empty(B, dtype=torch.float32, device=x.device)
-    kl = _alloc.empty(B if vr is not None else 0, dtype=torch.float32, device=x.device)
+    kl = _alloc.empty(B, dtype=torch.float32, device=x.device) if vr is not None else None
     args = (_native.dtype_code(x.dtype), B, D, _ptr(x), _ptr(v), _ptr(vu), float(w), _ptr(noise), _ptr(prev_in),
-            _ptr(vr), _ptr(vru), _ptr(a), _ptr(c), _ptr(s), _ptr(prev_out) if sampling else 0,
-            _ptr(mean) if return_mean else 0, _ptr(log_prob), _ptr(kl) if vr is not None else 0)
+            _ptr(vr), _ptr(vru), _ptr(a), _ptr(c), _ptr(s), _ptr(prev_out), _ptr(mean), _ptr(log_prob), _ptr(kl))
     if kind == "cpp":
         C.sde_step_forward_cpu(*args, int(reduce_sum))
     else:
@@ -197,10 +203,10 @@ def _native_backward(kind, x, v, vu, w, prev, vr, vru, a, c, s, g_log_prob, g_kl
     B = x.shape[0]
     D = x.numel() // B
     want = [bool(n) and t is not None for n, t in zip(needs, (x, v, vu, None if sampling else prev, vr, vru))]
-    outs = [_alloc.empty_like(x) if wnt else x.new_empty(0) for wnt in want]
+    outs = [_alloc.empty_like(x) if wnt else None for wnt in want]
     args = (_native.dtype_code(x.dtype), B, D, _ptr(x), _ptr(v), _ptr(vu), float(w), _ptr(prev), _ptr(vr), _ptr(vru),
             _ptr(a), _ptr(c), _ptr(s), _ptr(g_log_prob), _ptr(g_kl), _ptr(g_prev), _ptr(g_mean), int(sampling),
-            int(reduce_sum), *[_ptr(o) if wnt else 0 for o, wnt in zip(outs, want)])
+            int(reduce_sum), *[_ptr(o) for o in outs])
     if kind == "cpp":
         C.sde_step_backward_cpu(*args)
     else:
@@ -241,6 +247,7 @@ LIB.define(
 
 
 def _sde_step_fwd(x, v, vu, w, noise, prev_in, vr, vru, a, c, s, reduce_sum, return_mean, backend):
+    """Implementations may return None for absent outputs (eager callers accept that)."""
     return _forward_impl(backend)(x, v, vu, w, noise, prev_in, vr, vru, a, c, s, reduce_sum, return_mean)
 
 
@@ -250,9 +257,22 @@ def _sde_step_bwd(x, v, vu, w, prev, vr, vru, a, c, s, g_log_prob, g_kl, g_prev,
                                    reduce_sum, needs)
 
 
+def _tensors_only(outs, dtypes, x):
+    # the registered op's schema returns Tensors: absent outputs become empty ones
+    return tuple(x.new_empty(0, dtype=dt) if o is None else o for o, dt in zip(outs, dtypes))
+
+
+def _sde_step_fwd_op(x, *rest):
+    return _tensors_only(_sde_step_fwd(x, *rest), (x.dtype, x.dtype, torch.float32, torch.float32), x)
+
+
+def _sde_step_bwd_op(x, *rest):
+    return _tensors_only(_sde_step_bwd(x, *rest), (x.dtype,) * 6, x)
+
+
 for _key in ("CPU", "CUDA"):
-    LIB.impl("sde_step_fwd", _sde_step_fwd, _key)
-    LIB.impl("sde_step_bwd", _sde_step_bwd, _key)
+    LIB.impl("sde_step_fwd", _sde_step_fwd_op, _key)
+    LIB.impl("sde_step_bwd", _sde_step_bwd_op, _key)
 
 
 @torch.library.register_fake("diffrl::sde_step_fwd")
@@ -273,11 +293,26 @@ def _sde_step_bwd_fake(x, v, vu, w, prev, vr, vru, a, c, s, g_log_prob, g_kl, g_
     return tuple(torch.empty_like(x) if wnt else x.new_empty(0) for wnt in want)
 
 
+# Eager calls go straight to the implementation: the Python-defined torch.library op costs ~30 us per
+# call in dispatch, which dominates small latents. Under torch.compile the registered op is used, so
+# the compiled graph sees one opaque node with its fake implementation.
+def _call_fwd(*args):
+    if torch.compiler.is_compiling():
+        return torch.ops.diffrl.sde_step_fwd(*args)
+    return _sde_step_fwd(*args)
+
+
+def _call_bwd(*args):
+    if torch.compiler.is_compiling():
+        return torch.ops.diffrl.sde_step_bwd(*args)
+    return _sde_step_bwd(*args)
+
+
 class _SDEStepFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, v, vu, noise, prev_in, vr, vru, a, c, s, w, reduce_sum, return_mean, backend):
-        prev_out, mean, log_prob, kl = torch.ops.diffrl.sde_step_fwd(
-            x, v, vu, w, noise, prev_in, vr, vru, a, c, s, reduce_sum, return_mean, backend)
+        prev_out, mean, log_prob, kl = _call_fwd(x, v, vu, w, noise, prev_in, vr, vru, a, c, s, reduce_sum,
+                                                 return_mean, backend)
         ctx.sampling = noise is not None
         ctx.w, ctx.reduce_sum, ctx.backend = w, reduce_sum, backend
         # inputs only (no [B, D] intermediates): the backward recomputes the mean
@@ -298,12 +333,12 @@ class _SDEStepFunction(torch.autograd.Function):
             g_mean = None
         if g_kl is not None and g_kl.numel() == 0:
             g_kl = None
-        grads = torch.ops.diffrl.sde_step_bwd(
+        grads = _call_bwd(
             x, v, vu, ctx.w, prev_in, vr, vru, a, c, s,
             None if g_log_prob is None else g_log_prob.contiguous().float(),
             None if g_kl is None else g_kl.contiguous().float(),
             None if g_prev is None else g_prev.contiguous().to(x.dtype),
             None if g_mean is None else g_mean.contiguous().to(x.dtype),
             ctx.sampling, ctx.reduce_sum, needs, ctx.backend)
-        gx, gv, gvu, gprev, gvr, gvru = (g if g.numel() else None for g in grads)
+        gx, gv, gvu, gprev, gvr, gvru = (g if g is not None and g.numel() else None for g in grads)
         return gx, gv, gvu, None, gprev, gvr, gvru, None, None, None, None, None, None, None
