@@ -72,8 +72,12 @@ def group_advantages(
     Per group g and statistic column, with ``mean_g`` the group mean::
 
         std="group":  A = (r - mean_g) / (std_g + eps)     std_g: population std (ddof 0) of the group
-        std="global": A = (r - mean_g) / (std_B + eps)     std_B: population std of the whole batch (Flow-GRPO)
+        std="global": A = (r - mean_g) / (std_B + eps)     std_B: population std (ddof 0) of the whole batch
         std="none":   A =  r - mean_g
+
+    Flow-GRPO's global-std path divides by torch's *unbiased* std (ddof 1) of the batch; for a
+    batch of B samples that std is ``sqrt(B / (B - 1))`` times ours, so its advantages are slightly
+    smaller (by ~1/(2B)). Its per-prompt tracker uses numpy's population std, like ``std="group"``.
 
     ``eps`` is added to the standard deviation (as DDPO's and Flow-GRPO's trackers do), not to the
     variance. A group whose rewards are all equal (a group of one included) gives exactly 0, never
