@@ -2,7 +2,8 @@
 
 Backends: ``torch`` (the reference), ``cpp`` (diffrl._C, CPU tensors), ``triton`` (kernels/, CUDA
 tensors, or CPU tensors under TRITON_INTERPRET=1), ``cuda`` (diffrl._C built with nvcc, CUDA
-tensors) and ``cupy`` (the same CUDA sources compiled at run time; not built yet).
+tensors) and ``cupy`` (the same CUDA sources compiled at run time; not built yet), and for
+attention ops ``flash_attn`` (the flash-attn package, CUDA tensors; never picked by "auto").
 
 ``backend="auto"`` takes the first available backend that implements the op, in the order
 cuda -> cupy -> triton -> torch for CUDA tensors and cpp -> torch for CPU tensors. The environment
@@ -18,7 +19,7 @@ import torch
 
 from diffrl import _native
 
-BACKENDS = ("torch", "cpp", "triton", "cuda", "cupy")
+BACKENDS = ("torch", "cpp", "triton", "cuda", "cupy", "flash_attn")
 AUTO_ORDER = {"cuda": ("cuda", "cupy", "triton", "torch"), "cpu": ("cpp", "torch")}
 
 _status_cache: dict[str, tuple[bool, str]] = {}
@@ -54,6 +55,12 @@ def _probe(name: str) -> tuple[bool, str]:
         return True, ""
     if name == "cupy":
         return False, "the cupy backend is not built yet"
+    if name == "flash_attn":
+        if importlib.util.find_spec("flash_attn") is None:
+            return False, "flash-attn is not installed (pip install flash-attn)"
+        if not torch.cuda.is_available():
+            return False, "flash-attn needs a CUDA device"
+        return True, ""
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
 
 
@@ -69,7 +76,7 @@ def _runs_on(name: str, device: torch.device) -> bool:
         return True
     if name == "cpp":
         return device.type == "cpu"
-    if name in ("cuda", "cupy"):
+    if name in ("cuda", "cupy", "flash_attn"):
         return device.type == "cuda"
     if name == "triton":
         return device.type == "cuda" or (device.type == "cpu" and triton_interpret())
@@ -112,7 +119,7 @@ def _resolve(op: str, implemented: tuple[str, ...], backend: str, device: torch.
     if not ok:
         raise ValueError(f"{op}: backend {backend!r} is not available here: {reason}")
     if not _runs_on(backend, device):
-        where = {"cpp": "CPU tensors", "cuda": "CUDA tensors", "cupy": "CUDA tensors",
+        where = {"cpp": "CPU tensors", "cuda": "CUDA tensors", "cupy": "CUDA tensors", "flash_attn": "CUDA tensors",
                  "triton": "CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"}[backend]
         raise ValueError(f"{op}: backend {backend!r} runs on {where}, got tensors on {device}")
     return backend

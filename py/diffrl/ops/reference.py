@@ -231,3 +231,65 @@ def grpo_loss_reference(
             "ratio_max": r.max(),
         }
     return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# batched reward attention (issue 4)
+
+
+def reward_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    q_lens: torch.Tensor | None = None,
+    kv_lens: torch.Tensor | None = None,
+    kv_index: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Multi-head attention over padded sequences, the spec of ``diffrl.ops.reward_attention``.
+
+    ``q`` [N, H, Lq, D], ``k``/``v`` [M, H, Lk, D]; query sequence n reads key/value sequence
+    ``j = kv_index[n]`` (default n, with M == N). Query row i of sequence n (i < q_lens[n]) attends
+    the keys t < kv_lens[j], and with ``causal`` only those with t <= i (positions counted from the
+    start of each sequence, the way a text tower's causal mask is):
+
+        out[n, h, i] = sum_t softmax_t(scale * q[n, h, i] . k[j, h, t]) v[j, h, t]
+
+    Rows i >= q_lens[n] (padding) and rows with no key to attend are exactly zero. Whatever the
+    padding of q, k and v holds (NaN included) never reaches the result. Arithmetic is float32
+    (float64 for float64 inputs); the result has the input dtype. Explicit masked softmax: memory
+    is O(N H Lq Lk) and k/v are gathered by ``kv_index`` (a copy) — a spec, not a fast path.
+    """
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    N, _, Lq, D = q.shape
+    Lk = k.shape[2]
+    dev = q.device
+    if scale is None:
+        scale = D ** -0.5
+    idx = torch.arange(N, device=dev) if kv_index is None else kv_index.to(device=dev, dtype=torch.int64)
+    ql = torch.full((N,), Lq, device=dev) if q_lens is None else q_lens.to(device=dev, dtype=torch.int64)
+    kl = torch.full((N,), Lk, device=dev) if kv_lens is None else kv_lens.to(device=dev, dtype=torch.int64)[idx]
+    q_valid = torch.arange(Lq, device=dev)[None, :] < ql[:, None]  # [N, Lq]
+    k_valid = torch.arange(Lk, device=dev)[None, :] < kl[:, None]  # [N, Lk]
+    zero = torch.zeros((), dtype=ct, device=dev)
+    # zero the padding first: torch.where does not propagate NaN from the branch it does not take
+    qq = torch.where(q_valid[:, None, :, None], q.to(ct), zero)
+    kk = torch.where(k_valid[:, None, :, None], k[idx].to(ct), zero)
+    vv = torch.where(k_valid[:, None, :, None], v[idx].to(ct), zero)
+
+    scores = torch.matmul(qq, kk.transpose(-1, -2)) * scale  # [N, H, Lq, Lk]
+    allowed = k_valid[:, None, None, :]
+    if causal:
+        allowed = allowed & (torch.arange(Lk, device=dev)[None, :] <= torch.arange(Lq, device=dev)[:, None])
+    scores = scores.masked_fill(~allowed, -math.inf)
+    # softmax written out so that a row without any allowed key gives 0 instead of NaN
+    # (the row maximum is a constant shift: detached, its gradient would cancel anyway)
+    row_max = scores.detach().amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, zero)
+    e = torch.exp(scores - row_max)
+    denom = e.sum(dim=-1, keepdim=True)
+    out = torch.matmul(e, vv) / torch.where(denom > 0, denom, torch.ones_like(denom))
+    out = torch.where(q_valid[:, None, :, None], out, zero)
+    return out.to(q.dtype)

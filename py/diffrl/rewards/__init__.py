@@ -1,6 +1,10 @@
 """Reward functions for RL fine-tuning: callables ``reward(images, prompts, group_ids=None)`` that return a
 dict of float32 [B] tensors, with the training signal under "reward"."""
 
+from diffrl.rewards.base import MultiReward, Reward, check_inputs
+from diffrl.rewards.clip import AestheticScore, CLIPScore, PickScore
+from diffrl.rewards.jpeg import JpegCompressibility, JpegIncompressibility
 from diffrl.rewards.shapes import ShapesReward
 
-__all__ = ["ShapesReward"]
+__all__ = ["ShapesReward", "Reward", "MultiReward", "check_inputs", "JpegCompressibility", "JpegIncompressibility",
+           "CLIPScore", "PickScore", "AestheticScore"]
