@@ -11,6 +11,7 @@ The build never queries a GPU and never links libtorch: the extension takes raw 
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -74,8 +75,27 @@ if NVCC:
     define_macros += [("DIFFRL_WITH_CUDA", "1"), ("DIFFRL_CUDA_ARCHS", f'"{";".join(ARCHS)}"')]
 
 
+# CPU kernels are also compiled for AVX2 from <op>_avx2.cpp (same source, chosen at run time by
+# csrc/cpu_isa.cpp); other architectures build only the baseline.
+X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+if not X86_64:
+    CPP_SOURCES = [s for s in CPP_SOURCES if not s.endswith("_avx2.cpp")]
+
+
 class BuildExt(build_ext):
-    """Compiles the .cu files with nvcc into objects that the C++ link step picks up."""
+    """Compiles the .cu files with nvcc into objects that the C++ link step picks up, and the
+    *_avx2.cpp files with -mavx2."""
+
+    def build_extensions(self):
+        compile_one = self.compiler._compile
+
+        def _compile(obj, src, ext, cc_args, extra_postargs, pp_opts):
+            if src.endswith("_avx2.cpp"):
+                extra_postargs = list(extra_postargs) + ["-mavx2"]
+            return compile_one(obj, src, ext, cc_args, extra_postargs, pp_opts)
+
+        self.compiler._compile = _compile
+        super().build_extensions()
 
     def build_extension(self, ext):
         if NVCC:

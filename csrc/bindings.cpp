@@ -3,7 +3,10 @@
 // Each op registers its functions from its own <op>_bindings.cpp.
 #include <pybind11/pybind11.h>
 
+#include <stdexcept>
 #include <string>
+
+#include "cpu_isa.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -40,6 +43,7 @@ py::dict build_info() {
   d["omp_max_threads"] = 1;
 #endif
   d["compiler"] = std::string(__VERSION__);
+  d["cpu_avx2_build"] = static_cast<bool>(DIFFRL_HAS_AVX2_BUILD);
   return d;
 }
 
@@ -64,6 +68,15 @@ PYBIND11_MODULE(_C, m) {
 #ifdef DIFFRL_WITH_CUDA
   m.def("cuda_runtime_status", &cuda_runtime_status);
 #endif
+  m.def("cpu_isa", [] { return std::string(diffrl::cpu_isa_name(diffrl::cpu_isa())); },
+        "The instruction set the CPU kernels use: 'avx2' or 'baseline' (both give the same bits)");
+  m.def(
+      "set_cpu_isa",
+      [](const std::string& name) {
+        if (name != "avx2" && name != "baseline") throw std::invalid_argument("cpu isa must be 'avx2' or 'baseline'");
+        return diffrl::set_cpu_isa(name == "avx2" ? diffrl::CpuIsa::kAvx2 : diffrl::CpuIsa::kBaseline);
+      },
+      "Force the CPU kernels' instruction set; returns False if this CPU or build lacks it");
   diffrl::bind_sde_step(m);
   diffrl::bind_advantages(m);
 }

@@ -5,13 +5,16 @@
 // so that CUDA's runtime compiler (NVRTC, the cupy backend) can read it too.
 #pragma once
 
+// Helpers have internal linkage (static): the CPU kernels are compiled once per instruction set
+// (baseline and AVX2, see setup.py), and a shared inline copy chosen by the linker could otherwise
+// put AVX2 code on the baseline path.
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
-#define DIFFRL_HD __host__ __device__ __forceinline__
+#define DIFFRL_HD static __host__ __device__ __forceinline__
 #define DIFFRL_DEVICE_CODE 1
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #else
-#define DIFFRL_HD inline
+#define DIFFRL_HD static inline
 #endif
 #if !defined(__CUDACC_RTC__)
 #include <cstring>
@@ -59,6 +62,14 @@ DIFFRL_HD unsigned short float_to_bf16(float f) {
 }
 
 // ---- float16 ----
+// On the host both conversions compute every case and select with bit masks (no branches, which
+// GCC would keep for a chain of ?:), so that CPU loops over them vectorise. Bits: IEEE
+// round-to-nearest-even; float_to_half makes NaN canonical, half_to_float keeps its payload.
+DIFFRL_HD unsigned int select_bits(bool take_a, unsigned int a, unsigned int b) {
+  const unsigned int m = 0u - static_cast<unsigned int>(take_a);
+  return (a & m) | (b & ~m);
+}
+
 DIFFRL_HD float half_to_float(unsigned short h) {
 #if defined(__CUDA_ARCH__)
   return __half2float(__ushort_as_half(h));
@@ -66,11 +77,11 @@ DIFFRL_HD float half_to_float(unsigned short h) {
   const unsigned int sign = static_cast<unsigned int>(h & 0x8000u) << 16;
   const unsigned int exp = (h >> 10) & 0x1fu;
   const unsigned int mant = h & 0x3ffu;
-  if (exp == 0) {  // zero or subnormal: mant * 2^-24 is exact in float32
-    return bits_float(sign | float_bits(static_cast<float>(mant) * 5.9604644775390625e-8f));
-  }
-  if (exp == 31) return bits_float(sign | 0x7f800000u | (mant << 13));  // inf / nan
-  return bits_float(sign | ((exp + 112u) << 23) | (mant << 13));
+  const unsigned int normal = sign | ((exp + 112u) << 23) | (mant << 13);
+  // zero or subnormal: mant * 2^-24 is exact in float32
+  const unsigned int subnormal = sign | float_bits(static_cast<float>(mant) * 5.9604644775390625e-8f);
+  const unsigned int inf_nan = sign | 0x7f800000u | (mant << 13);
+  return bits_float(select_bits(exp == 0, subnormal, select_bits(exp == 31, inf_nan, normal)));
 #endif
 }
 
@@ -78,31 +89,31 @@ DIFFRL_HD unsigned short float_to_half(float f) {
 #if defined(__CUDA_ARCH__)
   return __half_as_ushort(__float2half_rn(f));
 #else
-  unsigned int u = float_bits(f);
-  const unsigned short sign = static_cast<unsigned short>((u >> 16) & 0x8000u);
-  unsigned int a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return sign | 0x7e00u;   // nan
-  if (a >= 0x477ff000u) return sign | 0x7c00u;  // rounds to inf (>= 65520)
-  if (a < 0x38800000u) {
-    // subnormal half (or zero): adding 0.5f puts the float ulp at 2^-24, so the hardware add does
-    // the round-to-nearest-even; the low bits are then the half's mantissa.
-    float r = bits_float(a) + 0.5f;
-    return sign | static_cast<unsigned short>(float_bits(r) - 0x3f000000u);
-  }
-  const unsigned int odd = (a >> 13) & 1u;
-  a += 0xc8000fffu + odd;  // rebias exponent (127 -> 15) and round to nearest even
-  return sign | static_cast<unsigned short>(a >> 13);
+  const unsigned int u = float_bits(f);
+  const unsigned int sign = (u >> 16) & 0x8000u;
+  const unsigned int a = u & 0x7fffffffu;
+  // subnormal half (or zero): adding 0.5f puts the float ulp at 2^-24, so the hardware add does
+  // the round-to-nearest-even; the low bits are then the half's mantissa.
+  const unsigned int subnormal = float_bits(bits_float(a) + 0.5f) - 0x3f000000u;
+  // normal: rebias the exponent (127 -> 15) and round to nearest even
+  const unsigned int normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;
+  const unsigned int magnitude = select_bits(a > 0x7f800000u, 0x7e00u,                // nan
+                                             select_bits(a >= 0x477ff000u, 0x7c00u,   // rounds to inf (>= 65520)
+                                                         select_bits(a < 0x38800000u, subnormal, normal)));
+  return static_cast<unsigned short>(sign | magnitude);
 #endif
 }
 
-template <int DT> DIFFRL_HD float load_f(const typename Storage<DT>::type* p, long long i);
-template <> DIFFRL_HD float load_f<kFloat32>(const float* p, long long i) { return p[i]; }
-template <> DIFFRL_HD float load_f<kFloat16>(const unsigned short* p, long long i) { return half_to_float(p[i]); }
-template <> DIFFRL_HD float load_f<kBFloat16>(const unsigned short* p, long long i) { return bf16_to_float(p[i]); }
+template <int DT> DIFFRL_HD float load_f(const typename Storage<DT>::type* p, long long i) {
+  if constexpr (DT == kFloat32) return p[i];
+  else if constexpr (DT == kFloat16) return half_to_float(p[i]);
+  else return bf16_to_float(p[i]);
+}
 
-template <int DT> DIFFRL_HD typename Storage<DT>::type to_storage(float f);
-template <> DIFFRL_HD float to_storage<kFloat32>(float f) { return f; }
-template <> DIFFRL_HD unsigned short to_storage<kFloat16>(float f) { return float_to_half(f); }
-template <> DIFFRL_HD unsigned short to_storage<kBFloat16>(float f) { return float_to_bf16(f); }
+template <int DT> DIFFRL_HD typename Storage<DT>::type to_storage(float f) {
+  if constexpr (DT == kFloat32) return f;
+  else if constexpr (DT == kFloat16) return float_to_half(f);
+  else return float_to_bf16(f);
+}
 
 }  // namespace diffrl

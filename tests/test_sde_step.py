@@ -230,6 +230,73 @@ def test_low_precision_rounding_is_bitwise_like_torch(backend, dtype):
     assert torch.equal(out.mean.cpu().view(torch.int16), expect.view(torch.int16))
 
 
+def _cpu_isas():
+    from diffrl import _native
+
+    C, _ = _native.load()
+    if C is None or not hasattr(C, "set_cpu_isa"):
+        return None, []
+    best = C.cpu_isa()
+    return C, (["baseline", "avx2"] if best == "avx2" else ["baseline"])
+
+
+@pytest.mark.skipif(not available("cpp"), reason="needs the cpp backend")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cpu_instruction_sets_give_the_same_bits(dtype):
+    """The cpp kernels are compiled twice (baseline and AVX2) from one source and picked at run
+    time: every output and gradient must be bitwise equal whichever runs."""
+    C, isas = _cpu_isas()
+    if len(isas) < 2:
+        pytest.skip("this CPU or build has only the baseline kernels")
+    before = C.cpu_isa()
+    results = []
+    try:
+        for isa in isas:
+            assert C.set_cpu_isa(isa)
+            torch.manual_seed(1234)  # the same inputs for each instruction set
+            outs = []
+            for mode, guidance, kl, shape in [("sample", True, True, (3, 4, 33, 35)), ("score", True, True, (2, 8193)),
+                                              ("score", False, False, (1, 3, 5, 7))]:
+                g, coeffs, w = make_inputs(shape, dtype, "cpu", guidance=guidance, kl=kl, per_sample=True, mode=mode)
+                diff = [k for k in g if k != "noise"]
+                leaves = {k: v.clone().requires_grad_(k in diff) for k, v in g.items()}
+                out = call("cpp", leaves, coeffs, w)
+                loss = out.log_prob.sum() + out.mean.float().sum() + (out.kl.sum() if kl else 0)
+                loss.backward()
+                outs += [out.prev_sample, out.mean, out.log_prob] + ([out.kl] if kl else [])
+                outs += [leaves[k].grad for k in diff]
+            results.append(outs)
+    finally:
+        C.set_cpu_isa(before)
+    for x, y in zip(*results):
+        assert torch.equal(x.detach().contiguous().view(torch.uint8), y.detach().contiguous().view(torch.uint8))
+
+
+@pytest.mark.skipif(not available("cpp"), reason="needs the cpp backend")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1.0, 1.37e-5, 3.3e3])  # identity, into the subnormals, into overflow
+def test_every_16_bit_pattern_converts_like_torch(dtype, scale):
+    """All 65536 values of the dtype through the CPU kernels' conversions: mean = scale * x exactly
+    in float32 (c = 0 and v = -0 add nothing, not even the sign of zero), rounded to the dtype."""
+    C, isas = _cpu_isas()
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    x = bits.view(dtype).reshape(1, -1)
+    v = torch.full_like(x, -0.0)
+    before = C.cpu_isa() if C is not None else None
+    try:
+        for isa in isas or [None]:
+            if isa is not None:
+                C.set_cpu_isa(isa)
+            out = diffrl.sde_step(x, v, StepCoeffs(scale, 0.0, 1.0), prev_sample=x, backend="cpp")
+            expected = (torch.tensor(scale, dtype=torch.float32) * x.float()).to(dtype)
+            nan = torch.isnan(expected)
+            assert torch.equal(torch.isnan(out.mean), nan)
+            assert torch.equal(out.mean[~nan].view(torch.int16), expected[~nan].view(torch.int16)), isa
+    finally:
+        if before is not None:
+            C.set_cpu_isa(before)
+
+
 def test_noise_from_generator_is_reproducible():
     g, coeffs, _ = make_inputs((2, 3, 4), torch.float32, "cpu", guidance=False, kl=False, per_sample=False,
                                mode="score")

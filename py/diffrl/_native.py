@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import warnings
 
 
 @functools.lru_cache(maxsize=None)
@@ -12,6 +14,11 @@ def load():
         from diffrl import _C  # noqa: PLC0415
     except ImportError as e:  # a pure-Python install, or a build for another Python
         return None, f"diffrl._C is not importable ({e}); reinstall with `pip install -e .` to build it"
+    isa = os.environ.get("DIFFRL_CPU_ISA", "").strip()
+    if isa and hasattr(_C, "set_cpu_isa"):
+        # the CPU kernels' instruction set (same bits either way): for tests and comparisons
+        if isa not in ("avx2", "baseline") or not _C.set_cpu_isa(isa):
+            warnings.warn(f"DIFFRL_CPU_ISA={isa!r} is not available here; using {_C.cpu_isa()!r}", stacklevel=2)
     return _C, ""
 
 

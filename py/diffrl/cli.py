@@ -29,7 +29,8 @@ def cmd_info(args) -> int:
     if info:
         archs = info.get("cuda_archs") or "-"
         print(f"extension diffrl._C: CUDA kernels {'yes' if info['cuda'] else 'no'} (archs {archs}), "
-              f"OpenMP {'yes' if info['openmp'] else 'no'} ({info['omp_max_threads']} threads)")
+              f"OpenMP {'yes' if info['openmp'] else 'no'} ({info['omp_max_threads']} threads), "
+              f"CPU kernels {getattr(_native.load()[0], 'cpu_isa', lambda: 'baseline')()}")
     else:
         print(f"extension diffrl._C: missing ({_native.load()[1]})")
     if torch.cuda.is_available():
