@@ -14,6 +14,10 @@
 
 namespace diffrl {
 namespace adv {
+
+// Below this much work a parallel region costs more than it saves (waking the pool takes
+// microseconds, and far longer when other processes hold the cores); results do not depend on it.
+constexpr long long kParallelMinWork = 1 << 15;
 namespace {
 
 template <int MODE, typename V>
@@ -27,7 +31,7 @@ void group_impl(const GroupArgs& p) {
   const double* sw = p.step_weights;
   float* out = p.out;
 
-#pragma omp parallel
+#pragma omp parallel if (B * C >= kParallelMinWork)
   {
     std::vector<double> stats(MODE == kEach ? 2 * C : 0);
 #pragma omp for schedule(dynamic, 64)
@@ -104,7 +108,7 @@ void group_dtype(const GroupArgs& p) {
 template <typename V>
 void win_rate_impl(const WinRateArgs& p) {
   const V* vals = static_cast<const V*>(p.vals);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (p.B >= kParallelMinWork / 64)
   for (long long j = 0; j < p.B; ++j) p.out[p.order[j]] = win_rate_at(vals, p.order, p.sorted_ids, p.B, j);
 }
 
@@ -124,7 +128,7 @@ void win_rate_cpu(const WinRateArgs& p) {
 void loss_forward_cpu(const LossArgs& p) {
   const long long N = p.N, nch = num_loss_chunks(N);
   std::vector<double> part(static_cast<size_t>(kLossParts * nch));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N >= kParallelMinWork)
   for (long long ch = 0; ch < nch; ++ch) {
     const long long lo = ch * kLossChunk, hi = std::min(N, lo + kLossChunk);
     double st = 0.0, sc = 0.0, sd = 0.0, sr = 0.0, sk = 0.0;
@@ -164,7 +168,7 @@ void loss_forward_cpu(const LossArgs& p) {
 
 void loss_backward_cpu(const LossBackwardArgs& p) {
   const float gs = p.g_loss[0] / static_cast<float>(p.N);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (p.N >= kParallelMinWork)
   for (long long i = 0; i < p.N; ++i)
     p.g_log_prob[i] = loss_grad(p.log_prob[i], p.old_log_prob[i], p.adv[i / p.adv_div], p.lo, p.hi, gs);
 }

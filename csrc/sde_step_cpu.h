@@ -20,6 +20,9 @@ namespace sde {
 namespace {
 
 constexpr int kLanes = 16;  // independent accumulators: lets the compiler vectorise a fixed-order sum
+// Below this many elements one thread does the work: waking the OpenMP pool costs microseconds (far
+// more when other processes hold the cores). Tasks are independent, so results do not depend on it.
+constexpr long long kParallelMinElements = 1 << 15;
 
 template <int DT, bool GUID, bool SAMPLE, bool KL, bool MEAN>
 void forward_impl(const ForwardArgs& p) {
@@ -37,7 +40,7 @@ void forward_impl(const ForwardArgs& p) {
   const float w = p.w;
   std::vector<float> part_sq(B * nch), part_kl(KL ? B * nch : 0);
 
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * D >= kParallelMinElements)
   for (long long task = 0; task < B * nch; ++task) {
     const long long b = task / nch, ch = task % nch;
     const long long lo = b * D + ch * kChunk;
@@ -119,7 +122,7 @@ void backward_impl(const BackwardArgs& p) {
   const bool need_r = !SAMPLE && p.g_log_prob != nullptr;
   const bool need_q = KL && p.g_kl != nullptr;
 
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * D >= kParallelMinElements)
   for (long long task = 0; task < B * nch; ++task) {
     const long long b = task / nch, ch = task % nch;
     const long long lo = b * D + ch * kChunk;
