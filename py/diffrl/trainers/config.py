@@ -1,0 +1,278 @@
+"""Trainer configurations: dataclasses, loadable from YAML and overridable from the command line.
+
+A config file is a flat YAML mapping of field names to values (a field that is itself a mapping,
+such as ``reward``, is given as a nested mapping). Command-line overrides are ``key=value`` or
+``--key value`` pairs; a nested entry is addressed with a dot (``reward.weights.jpeg=0.5``). Values
+are parsed as YAML and then coerced to the field's declared type, so ``lr=1e-4`` is a float and
+``sde_window=[0,4]`` a list. Unknown keys are errors that name the closest known key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TrainConfig", "GRPOConfig", "DDPOConfig", "load_config", "apply_overrides", "config_to_dict"]
+
+
+@dataclass
+class TrainConfig:
+    """Fields shared by every trainer."""
+
+    # model and sampling
+    pretrained: str = ""                 # a diffusers folder or hub id (or a preset's built-in model)
+    prompts: list[str] = field(default_factory=list)  # training prompts (or prompts_file)
+    prompts_file: str = ""               # one prompt per line
+    eval_prompts: list[str] = field(default_factory=list)  # fixed prompts for image grids
+    num_inference_steps: int = 10
+    guidance_scale: float = 4.5
+    resolution: int = 512
+    # one epoch = prompts_per_epoch prompts x group_size images
+    epochs: int = 10
+    prompts_per_epoch: int = 8
+    group_size: int = 4
+    sample_batch_size: int = 8           # images per sampler call
+    # PPO
+    inner_epochs: int = 1
+    train_batch_size: int = 4            # samples per optimiser minibatch
+    gradient_accumulation_steps: int = 1
+    timestep_fraction: float = 1.0       # fraction of the recorded steps trained on, per sample
+    clip_range: float = 1e-4
+    kl_coef: float = 0.0                 # KL to the reference policy (adapters disabled)
+    adv_clip: float = 5.0
+    adv_std: str = "group"               # group | global | none
+    lr: float = 3e-4
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_weight_decay: float = 1e-4
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    # what is trained
+    use_lora: bool = True
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_target_modules: list[str] = field(default_factory=list)  # empty: the family's default
+    mixed_precision: str = "no"          # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    ema_decay: float = 0.0               # 0: no EMA of the trained weights
+    # reward: a name, or names with weights; kwargs per reward under reward_kwargs
+    reward: dict[str, float] = field(default_factory=lambda: {"jpeg_incompressibility": 1.0})
+    reward_kwargs: dict[str, dict] = field(default_factory=dict)
+    # bookkeeping
+    seed: int = 0
+    output_dir: str = "runs/diffrl"
+    save_every: int = 1                  # epochs between checkpoints
+    keep_last: int = 2                   # checkpoints kept
+    eval_every: int = 0                  # epochs between image grids (0: never)
+    max_nonfinite: int = 3               # consecutive non-finite epochs before stopping
+    log_with: list[str] = field(default_factory=list)  # tensorboard, wandb (when installed)
+    device: str = "auto"                 # auto | cpu | cuda
+
+
+@dataclass
+class GRPOConfig(TrainConfig):
+    """Flow-GRPO style: SDE sampling of a flow-matching model, group-normalised advantages."""
+
+    noise_level: float = 0.7
+    sde_type: str = "sde"                # sde | cps
+    sde_window: list[int] = field(default_factory=list)  # [start, end) of stochastic steps; empty: all
+
+
+@dataclass
+class DDPOConfig(TrainConfig):
+    """DDPO: DDIM sampling with eta, per-prompt stat tracker for the advantages."""
+
+    eta: float = 1.0
+    use_tracker: bool = True
+    tracker_buffer_size: int = 16
+    tracker_min_count: int = 16
+    clip_range: float = 1e-4
+
+
+def config_to_dict(cfg) -> dict[str, Any]:
+    out = dataclasses.asdict(cfg)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown(key: str, known) -> KeyError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return KeyError(f"unknown config key {key!r}{hint}")
+
+
+def _coerce(name: str, value, tp):
+    """``value`` (parsed YAML) as the declared type ``tp``, or a ValueError naming the key."""
+    origin = typing.get_origin(tp)
+    try:
+        if tp is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            if isinstance(value, (bool, int)) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            return "" if value is None else str(value)
+        if origin in (list, tuple):
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                value = [value]
+            args = typing.get_args(tp)
+            items = [_coerce(name, v, args[0] if args else Any) for v in value]
+            if origin is tuple:
+                if len(args) == 2 and args[1] is not Ellipsis and len(items) != 2:
+                    raise ValueError
+                return tuple(items)
+            return items
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise ValueError
+            kt, vt = typing.get_args(tp) or (Any, Any)
+            return {_coerce(name, k, kt): _coerce(name, v, vt) for k, v in value.items()}
+        return value
+    except (TypeError, ValueError):
+        raise ValueError(f"config key {name!r} expects {getattr(tp, '__name__', tp)}, got {value!r}") from None
+
+
+def _parse_value(text: str):
+    import yaml  # noqa: PLC0415
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _split_overrides(overrides) -> list[tuple[str, str]]:
+    pairs, items, i = [], list(overrides), 0
+    while i < len(items):
+        item = items[i]
+        if item.startswith("--"):
+            key = item[2:]
+            if "=" in key:
+                key, val = key.split("=", 1)
+            elif i + 1 < len(items):
+                i += 1
+                val = items[i]
+            else:
+                raise ValueError(f"override {item!r} has no value")
+        elif "=" in item:
+            key, val = item.split("=", 1)
+        else:
+            raise ValueError(f"override {item!r} is not key=value or --key value")
+        pairs.append((key.replace("-", "_"), val))
+        i += 1
+    return pairs
+
+
+def _set(data: dict, types: dict, key: str, value) -> None:
+    top, _, rest = key.partition(".")
+    if top not in types:
+        raise _unknown(top, types)
+    if rest:  # nested entry of a mapping field
+        node = data.setdefault(top, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"config key {top!r} is not a mapping, cannot set {key!r}")
+        *path, leaf = rest.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    else:
+        data[top] = value
+
+
+def apply_overrides(cfg, overrides) -> Any:
+    """A copy of ``cfg`` with ``key=value`` / ``--key value`` overrides applied and type-checked."""
+    cls = type(cfg)
+    types = _field_types(cls)
+    data = config_to_dict(cfg)
+    for key, text in _split_overrides(overrides):
+        _set(data, types, key, _parse_value(text))
+    return _build(cls, data, types)
+
+
+def _build(cls, data: dict, types: dict):
+    for key in data:
+        if key not in types:
+            raise _unknown(key, types)
+    values = {k: _coerce(k, v, types[k]) for k, v in data.items()}
+    cfg = cls(**values)
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg) -> None:
+    def need(cond, msg):
+        if not cond:
+            raise ValueError(f"config: {msg}")
+
+    need(cfg.epochs >= 0, f"epochs must be >= 0, got {cfg.epochs}")
+    need(cfg.group_size >= 2, f"group_size must be >= 2 (advantages compare images of a prompt), got {cfg.group_size}")
+    need(cfg.prompts_per_epoch >= 1, "prompts_per_epoch must be >= 1")
+    need(cfg.num_inference_steps >= 1, "num_inference_steps must be >= 1")
+    need(0 < cfg.timestep_fraction <= 1, f"timestep_fraction must be in (0, 1], got {cfg.timestep_fraction}")
+    need(cfg.train_batch_size >= 1 and cfg.sample_batch_size >= 1, "batch sizes must be >= 1")
+    need(cfg.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1")
+    need(cfg.clip_range > 0, "clip_range must be > 0")
+    need(cfg.kl_coef >= 0, "kl_coef must be >= 0")
+    need(cfg.adv_std in ("group", "global", "none"), f"adv_std must be group, global or none, got {cfg.adv_std!r}")
+    need(cfg.mixed_precision in ("no", "fp16", "bf16"), f"mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
+    need(0 <= cfg.ema_decay < 1, "ema_decay must be in [0, 1)")
+    need(cfg.keep_last >= 1, "keep_last must be >= 1")
+    need(cfg.max_nonfinite >= 1, "max_nonfinite must be >= 1")
+    need(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), f"unknown device {cfg.device!r}")
+    need(len(cfg.reward) >= 1, "reward must name at least one reward")
+    if isinstance(cfg, GRPOConfig):
+        need(cfg.sde_type in ("sde", "cps"), f"sde_type must be sde or cps, got {cfg.sde_type!r}")
+        need(cfg.noise_level >= 0, "noise_level must be >= 0")
+        need(len(cfg.sde_window) in (0, 2), f"sde_window must be [start, end] or empty, got {cfg.sde_window}")
+        if cfg.sde_window:
+            a, b = cfg.sde_window
+            need(0 <= a < b <= cfg.num_inference_steps,
+                 f"sde_window {cfg.sde_window} must satisfy 0 <= start < end <= num_inference_steps")
+    if isinstance(cfg, DDPOConfig):
+        need(cfg.eta >= 0, "eta must be >= 0")
+
+
+def load_config(cls, path: str | Path | None = None, *, base=None, overrides=()) -> Any:
+    """``cls`` built from ``base`` (a config or a dict; default: the defaults), then the YAML file at
+    ``path``, then ``overrides``. Every value is type-checked and the result validated."""
+    types = _field_types(cls)
+    if base is None:
+        data = config_to_dict(cls())
+    elif isinstance(base, dict):
+        data = config_to_dict(cls())
+        for k, v in base.items():
+            _set(data, types, k, v)
+    else:
+        data = config_to_dict(base)
+    if path is not None:
+        import yaml  # noqa: PLC0415
+
+        text = Path(path).read_text()
+        loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a config file is a YAML mapping of keys to values")
+        for k, v in loaded.items():
+            if k in types and isinstance(v, dict) and isinstance(data.get(k), dict):
+                data[k] = v  # a mapping field given whole replaces the default
+            else:
+                _set(data, types, k, v)
+    cfg = _build(cls, data, types)
+    return apply_overrides(cfg, overrides) if overrides else cfg
