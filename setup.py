@@ -20,6 +20,7 @@ from pathlib import Path
 from pybind11.setup_helpers import Pybind11Extension
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent.resolve()
 CSRC = ROOT / "csrc"
@@ -126,6 +127,18 @@ class BuildExt(build_ext):
         return objects
 
 
+class BuildPy(build_py):
+    """Ships the kernel headers as diffrl/_csrc/: the cupy backend compiles them at run time (NVRTC),
+    so a wheel built without nvcc still carries its CUDA kernels. Editable installs read csrc/."""
+
+    def run(self):
+        super().run()
+        dst = Path(self.build_lib) / "diffrl" / "_csrc"
+        dst.mkdir(parents=True, exist_ok=True)
+        for p in sorted(CSRC.glob("*.h")) + sorted(CSRC.glob("*.cuh")):
+            shutil.copy2(p, dst / p.name)
+
+
 def cuda_link_args() -> tuple[list[str], list[str]]:
     if not NVCC:
         return [], []
@@ -153,5 +166,5 @@ setup(
     + [f"diffrl.{p.name}" for p in sorted((ROOT / "py" / "diffrl").iterdir()) if (p / "__init__.py").exists() and p.name != "ops"],
     package_dir={"diffrl": "py/diffrl", "diffrl.kernels": "kernels"},
     ext_modules=[ext],
-    cmdclass={"build_ext": BuildExt},
+    cmdclass={"build_ext": BuildExt, "build_py": BuildPy},
 )

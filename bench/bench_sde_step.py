@@ -14,7 +14,7 @@ fwd+bwd  scoring a stored rollout in a GRPO training step, with CFG and the KL t
 
 Implementations: ``eager`` = ``diffrl.sde_step(..., backend="torch")`` (the reference, eager),
 ``compile`` = ``torch.compile(sde_step_reference, dynamic=False, fullgraph=True)`` compiled once per
-case, and every fused backend available on the device (``cpp`` on CPU; ``cuda``, ``triton`` on GPU;
+case, and every fused backend available on the device (``cpp`` on CPU; ``cuda``, ``cupy``, ``triton`` on GPU;
 the Triton interpreter is not a performance path and is not timed). Every implementation allocates
 its outputs on every call, exactly like the user's call; nothing is preallocated for anyone.
 
@@ -46,7 +46,7 @@ GUIDANCE = 4.5
 # a typical stochastic flow-matching step (Flow-GRPO-like): mean = a x + c v, std s
 COEFFS = (0.995, -0.05, 0.12)
 MODES = ("fwd", "fwd+bwd")
-FUSED = ("cpp", "cuda", "triton")
+FUSED = ("cpp", "cuda", "cupy", "triton")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@
 namespace diffrl {
 namespace adv {
 
+// Launch geometry, shared by the nvcc host launchers (advantages.cu) and the cupy backend, which
+// reads these constants from this file.
 constexpr int kGroupThreads = 128;  // one block per segment start
 constexpr int kWinThreads = 256;    // one thread per row
 constexpr int kLossThreads = 256;   // one block per kLossChunk elements

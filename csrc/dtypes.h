@@ -1,8 +1,9 @@
 // Element types shared by the C++ (CPU) and CUDA kernels.
 //
 // Storage is plain: float, or the 16 raw bits of a float16/bfloat16 value. Arithmetic is always
-// float32. Conversions round to nearest even, like torch's. The file includes no standard header
-// so that CUDA's runtime compiler (NVRTC, the cupy backend) can read it too.
+// float32. Conversions round to nearest even, like torch's. Under CUDA the file includes no header
+// at all (not even cuda_fp16.h), so that CUDA's runtime compiler (NVRTC, the cupy backend) reads it
+// with no toolkit installed: libnvrtc alone is enough.
 #pragma once
 
 // Helpers have internal linkage (static): the CPU kernels are compiled once per instruction set
@@ -11,8 +12,6 @@
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 #define DIFFRL_HD static __host__ __device__ __forceinline__
 #define DIFFRL_DEVICE_CODE 1
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
 #else
 #define DIFFRL_HD static inline
 #endif
@@ -72,7 +71,10 @@ DIFFRL_HD unsigned int select_bits(bool take_a, unsigned int a, unsigned int b) 
 
 DIFFRL_HD float half_to_float(unsigned short h) {
 #if defined(__CUDA_ARCH__)
-  return __half2float(__ushort_as_half(h));
+  // the instruction cuda_fp16.hpp's __half2float emits, without needing that header
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
 #else
   const unsigned int sign = static_cast<unsigned int>(h & 0x8000u) << 16;
   const unsigned int exp = (h >> 10) & 0x1fu;
@@ -87,7 +89,10 @@ DIFFRL_HD float half_to_float(unsigned short h) {
 
 DIFFRL_HD unsigned short float_to_half(float f) {
 #if defined(__CUDA_ARCH__)
-  return __half_as_ushort(__float2half_rn(f));
+  // cuda_fp16.hpp's __float2half_rn, likewise
+  unsigned short h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
 #else
   const unsigned int u = float_bits(f);
   const unsigned int sign = (u >> 16) & 0x8000u;

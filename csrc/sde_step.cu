@@ -39,8 +39,8 @@ void forward_dtype(const ForwardArgs& p) {
   auto l2 = [&](auto G) { smp ? l3(G, std::true_type{}) : l3(G, std::false_type{}); };
   g ? l2(std::true_type{}) : l2(std::false_type{});
   check_launch("forward");
-  const int threads = 128;
-  finalize_kernel<<<static_cast<unsigned>((p.B + threads - 1) / threads), threads, 0, stream>>>(
+  finalize_kernel<<<static_cast<unsigned>((p.B + kFinalizeThreads - 1) / kFinalizeThreads), kFinalizeThreads, 0,
+                    stream>>>(
       part_sq, kl ? part_kl : nullptr, p.s, p.log_prob, p.kl, p.B, p.D, nch, p.reduce_sum);
   check_launch("finalize");
 }

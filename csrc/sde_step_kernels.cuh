@@ -11,7 +11,10 @@
 namespace diffrl {
 namespace sde {
 
-constexpr int kThreads = 256;
+// Launch geometry, shared by the nvcc host launchers (sde_step.cu) and the cupy backend, which
+// reads these constants from this file.
+constexpr int kThreads = 256;         // forward/backward: one block per (sample, chunk)
+constexpr int kFinalizeThreads = 128;  // finalize: one thread per sample
 constexpr int kItems = static_cast<int>(kChunk / kThreads);
 static_assert(kItems * kThreads == kChunk, "chunk must be a multiple of the block size");
 

@@ -376,7 +376,7 @@ def _bad_calls():
     yield "at most 1024", ValueError, (torch.randn(6, 1025), ids), dict(reward_weights=torch.ones(1025),
                                                                          combine="normalize_each")
     yield "unknown backend", ValueError, (r, ids), dict(backend="metal")
-    yield "does not implement", ValueError, (r, ids), dict(backend="cupy")
+    yield "does not implement", ValueError, (r, ids), dict(backend="flash_attn")
 
 
 @pytest.mark.parametrize("match,exc,args,kwargs", list(_bad_calls()),

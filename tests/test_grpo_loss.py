@@ -175,7 +175,7 @@ def _bad_calls():
     yield "needs kl", ValueError, (lp, old, adv), dict(clip_range=0.2, kl_coef=0.1)
     yield "kl_coef", ValueError, (lp, old, adv), dict(clip_range=0.2, kl=kl, kl_coef=float("inf"))
     yield "floating-point", TypeError, (lp.long(), old, adv), dict(clip_range=0.2)
-    yield "torch.Tensor", TypeError, (lp, old.numpy(), adv), dict(clip_range=0.2)
+    yield "torch.Tensor", TypeError, (lp, old.tolist(), adv), dict(clip_range=0.2)  # arrays are accepted (interop)
     yield "unknown backend", ValueError, (lp, old, adv), dict(clip_range=0.2, backend="metal")
 
 

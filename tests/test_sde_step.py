@@ -346,7 +346,7 @@ def _bad_calls():
     yield ">= 0", ValueError, dict(sample=x, model_output=x, coeffs=(1.0, 0.1, -0.3), noise=x)
     yield "reduce", ValueError, dict(sample=x, model_output=x, coeffs=ok, noise=x, reduce="max")
     yield "unknown backend", ValueError, dict(sample=x, model_output=x, coeffs=ok, noise=x, backend="metal")
-    yield "does not implement", ValueError, dict(sample=x, model_output=x, coeffs=ok, noise=x, backend="cupy")
+    yield "does not implement", ValueError, dict(sample=x, model_output=x, coeffs=ok, noise=x, backend="flash_attn")
     if available("cuda", "cuda"):
         yield "runs on CUDA tensors", ValueError, dict(sample=x, model_output=x, coeffs=ok, noise=x, backend="cuda")
     else:
@@ -358,7 +358,7 @@ def _bad_calls():
     yield "per-sample values", ValueError, dict(sample=x, model_output=x, coeffs=StepCoeffs(torch.ones(3), 0.1, 0.3),
                                                 noise=x)
     yield "coeffs must be", TypeError, dict(sample=x, model_output=x, coeffs=0.3, noise=x)
-    yield "torch.Tensor", TypeError, dict(sample=x, model_output=x.numpy(), coeffs=ok, noise=x)
+    yield "torch.Tensor", TypeError, dict(sample=x, model_output=x.tolist(), coeffs=ok, noise=x)  # arrays: interop
     yield "at least 2 dims", ValueError, dict(sample=torch.randn(5), model_output=torch.randn(5), coeffs=ok,
                                               noise=torch.randn(5))
     yield "floating-point", TypeError, dict(sample=torch.ones(2, 3, dtype=torch.long),

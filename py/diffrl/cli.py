@@ -25,7 +25,9 @@ def cmd_info(args) -> int:
 
     info = _native.build_info()
     print(f"diffrl {diffrl.__version__}  (python {platform.python_version()}, {platform.machine()})")
-    print(f"torch {torch.__version__}  triton {version('triton')}  cupy {version('cupy-cuda13x')}")
+    # CuPy is distributed per CUDA major version
+    cupy_dist = next((d for d in ("cupy-cuda13x", "cupy-cuda12x", "cupy") if version(d) != "not installed"), "cupy")
+    print(f"torch {torch.__version__}  triton {version('triton')}  cupy {version(cupy_dist)}")
     if info:
         archs = info.get("cuda_archs") or "-"
         print(f"extension diffrl._C: CUDA kernels {'yes' if info['cuda'] else 'no'} (archs {archs}), "

@@ -2,7 +2,8 @@
 
 Backends: ``torch`` (the reference), ``cpp`` (diffrl._C, CPU tensors), ``triton`` (kernels/, CUDA
 tensors, or CPU tensors under TRITON_INTERPRET=1), ``cuda`` (diffrl._C built with nvcc, CUDA
-tensors) and ``cupy`` (the same CUDA sources compiled at run time; not built yet), and for
+tensors) and ``cupy`` (the same CUDA sources compiled at first use by NVRTC through CuPy, for installs
+without nvcc: ``diffrl.ops._cupy_backend``), and for
 attention ops ``flash_attn`` (the flash-attn package, CUDA tensors; never picked by "auto").
 
 ``backend="auto"`` takes the first available backend that implements the op, in the order
@@ -54,7 +55,9 @@ def _probe(name: str) -> tuple[bool, str]:
             return False, "triton needs a CUDA device (or TRITON_INTERPRET=1 to run its kernels on the CPU)"
         return True, ""
     if name == "cupy":
-        return False, "the cupy backend is not built yet"
+        from diffrl.ops import _cupy_backend  # noqa: PLC0415 - imports cupy only when probed
+
+        return _cupy_backend.probe()
     if name == "flash_attn":
         if importlib.util.find_spec("flash_attn") is None:
             return False, "flash-attn is not installed (pip install flash-attn)"

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
-from diffrl import _native
+from diffrl import _native, interop
 from diffrl.ops import _alloc, _dispatch
 from diffrl.ops._library import LIB
 from diffrl.ops.reference import (
@@ -39,7 +39,7 @@ from diffrl.ops.reference import (
     win_rate_reference,
 )
 
-IMPLEMENTED = ("torch", "cpp", "triton", "cuda")
+IMPLEMENTED = ("torch", "cpp", "triton", "cuda", "cupy")
 STD_MODES = {"none": 0, "group": 1, "global": 2}
 COMBINES = ("sum", "normalize_each")
 MAX_HEADS = 1024  # normalize_each keeps two float64 per head in CUDA shared memory
@@ -47,6 +47,7 @@ MODE_SINGLE, MODE_EACH, MODE_DENSE = 0, 1, 2  # csrc/advantages.h: adv::Mode
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
+@interop.accepts_arrays
 def group_advantages(
     rewards: torch.Tensor,
     group_ids: torch.Tensor,
@@ -117,6 +118,7 @@ def group_advantages(
         -1.0 if clip is None else float(clip), plan["T"], num_steps is None, name)
 
 
+@interop.accepts_arrays
 def win_rate(
     scores: torch.Tensor,
     group_ids: torch.Tensor,
@@ -282,8 +284,9 @@ def _native_group(kind, vals, order, sorted_ids, w, gstd, sw, mode, std_mode, ep
     if kind == "cpp":
         C.group_advantages_cpu(*args)
     else:
+        launch = C.group_advantages_cuda if kind == "cuda" else _cupy_group
         with torch.cuda.device(vals.device):
-            C.group_advantages_cuda(*args, torch.cuda.current_stream(vals.device).cuda_stream)
+            launch(*args, torch.cuda.current_stream(vals.device).cuda_stream)
     return out
 
 
@@ -295,9 +298,41 @@ def _native_win_rate(kind, vals, order, sorted_ids):
     if kind == "cpp":
         C.win_rate_cpu(*args)
     else:
+        launch = C.win_rate_cuda if kind == "cuda" else _cupy_win_rate
         with torch.cuda.device(vals.device):
-            C.win_rate_cuda(*args, torch.cuda.current_stream(vals.device).cuda_stream)
+            launch(*args, torch.cuda.current_stream(vals.device).cuda_stream)
     return out
+
+
+# The cupy backend's launchers: csrc/advantages.cu's group_advantages_cuda / win_rate_cuda launch for
+# launch (same arguments as the diffrl._C bindings, same kernels, same geometry).
+def _cupy_group(vals_double, B, K, vals, w, order, sorted_ids, gstd, sw, T, mode, std_mode, eps, clip, has_clip, out,
+                stream):
+    from diffrl.ops import _cupy_backend as cb  # noqa: PLC0415
+
+    if B == 0:
+        return
+    if B > 0x7FFFFFFF:
+        raise ValueError("group_advantages: more than 2^31 - 1 rows")
+    smem = 2 * K * 8 if mode == MODE_EACH else 0  # (mean, denom) per head, float64
+    if smem > 48 * 1024:
+        raise ValueError("group_advantages: too many reward heads for normalize_each")
+    name = cb.instance("diffrl::adv::group_kernel", mode, "double" if vals_double else "float")
+    P = cb.ptr
+    cb.launch(name, B, cb.constants("advantages_kernels.cuh")["kGroupThreads"],
+              (P(vals), cb.i64(K), P(w), P(order), P(sorted_ids), cb.i64(B), P(gstd), P(sw), cb.i64(T),
+               cb.i32(std_mode), cb.f64(eps), cb.f64(clip), cb.i32(has_clip), P(out)), stream, shared_mem=smem)
+
+
+def _cupy_win_rate(vals_double, B, vals, order, sorted_ids, out, stream):
+    from diffrl.ops import _cupy_backend as cb  # noqa: PLC0415
+
+    if B == 0:
+        return
+    nt = cb.constants("advantages_kernels.cuh")["kWinThreads"]
+    name = cb.instance("diffrl::adv::win_rate_kernel", "double" if vals_double else "float")
+    P = cb.ptr
+    cb.launch(name, -(-B // nt), nt, (P(vals), P(order), P(sorted_ids), cb.i64(B), P(out)), stream)
 
 
 # ----------------------------------------------------------------------------------------------

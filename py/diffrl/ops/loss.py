@@ -7,17 +7,18 @@ import math
 import numpy as np
 import torch
 
-from diffrl import _native
+from diffrl import _native, interop
 from diffrl.ops import _alloc, _dispatch
 from diffrl.ops._library import LIB
 from diffrl.ops.reference import grpo_loss_reference
 
-IMPLEMENTED = ("torch", "cpp", "triton", "cuda")
+IMPLEMENTED = ("torch", "cpp", "triton", "cuda", "cupy")
 STAT_NAMES = ("policy_loss", "kl", "clip_fraction", "approx_kl", "ratio_mean", "ratio_min", "ratio_max")
 _LOSS_CHUNK = 4096  # kLossChunk in csrc/advantages.h
 _LOSS_PARTS = 7
 
 
+@interop.accepts_arrays
 def grpo_loss(
     log_prob: torch.Tensor,
     old_log_prob: torch.Tensor,
@@ -131,8 +132,9 @@ def _native_forward(kind, lp, old, adv, kl, lo, hi, kl_coef):
     else:
         nch = -(-N // _LOSS_CHUNK)
         workspace = _alloc.empty(_LOSS_PARTS * nch, dtype=torch.float64, device=lp.device)
+        launch = C.grpo_loss_forward_cuda if kind == "cuda" else _cupy_forward
         with torch.cuda.device(lp.device):
-            C.grpo_loss_forward_cuda(*args, _ptr(workspace), torch.cuda.current_stream(lp.device).cuda_stream)
+            launch(*args, _ptr(workspace), torch.cuda.current_stream(lp.device).cuda_stream)
     return loss, stats
 
 
@@ -144,9 +146,38 @@ def _native_backward(kind, g_loss, lp, old, adv, lo, hi):
     if kind == "cpp":
         C.grpo_loss_backward_cpu(*args)
     else:
+        launch = C.grpo_loss_backward_cuda if kind == "cuda" else _cupy_backward
         with torch.cuda.device(lp.device):
-            C.grpo_loss_backward_cuda(*args, torch.cuda.current_stream(lp.device).cuda_stream)
+            launch(*args, torch.cuda.current_stream(lp.device).cuda_stream)
     return out
+
+
+# The cupy backend's launchers: csrc/advantages.cu's loss_forward_cuda / loss_backward_cuda launch for
+# launch (same arguments as the diffrl._C bindings, same kernels, same geometry).
+def _cupy_forward(N, adv_div, lp, old, adv, kl, lo, hi, kl_coef, loss, stats, workspace, stream):
+    from diffrl.ops import _cupy_backend as cb  # noqa: PLC0415
+
+    if N == 0:
+        return
+    k = cb.constants("advantages.h", "advantages_kernels.cuh")
+    nch = -(-N // k["kLossChunk"])
+    P = cb.ptr
+    cb.launch("diffrl::adv::loss_partial_kernel", nch, k["kLossThreads"],
+              (P(lp), P(old), P(adv), cb.i64(adv_div), P(kl), cb.i64(N), cb.f32(lo), cb.f32(hi), P(workspace)),
+              stream)
+    cb.launch("diffrl::adv::loss_finalize_kernel", 1, k["kLossThreads"],
+              (P(workspace), cb.i64(nch), cb.i64(N), cb.f32(kl_coef), P(loss), P(stats)), stream)
+
+
+def _cupy_backward(N, adv_div, lp, old, adv, lo, hi, g_loss, g_lp, stream):
+    from diffrl.ops import _cupy_backend as cb  # noqa: PLC0415
+
+    if N == 0:
+        return
+    nt = cb.constants("advantages_kernels.cuh")["kLossThreads"]
+    P = cb.ptr
+    cb.launch("diffrl::adv::loss_backward_kernel", -(-N // nt), nt,
+              (P(lp), P(old), P(adv), cb.i64(adv_div), cb.i64(N), cb.f32(lo), cb.f32(hi), P(g_loss), P(g_lp)), stream)
 
 
 LIB.define(

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
-from diffrl import _native
+from diffrl import _native, interop
 from diffrl.ops import _alloc, _dispatch
 from diffrl.ops._library import LIB
 from diffrl.ops.reference import sde_step_reference
 from diffrl.schedules import StepCoeffs
 
-IMPLEMENTED = ("torch", "cpp", "triton", "cuda")
+IMPLEMENTED = ("torch", "cpp", "triton", "cuda", "cupy")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _REDUCES = ("mean", "sum")
 
@@ -29,6 +29,7 @@ class SDEStepOutput:
     kl: torch.Tensor | None
 
 
+@interop.accepts_arrays
 def sde_step(
     sample: torch.Tensor,
     model_output: torch.Tensor,
@@ -191,9 +192,10 @@ def _native_forward(kind, x, v, vu, w, noise, prev_in, vr, vru, a, c, s, reduce_
     else:
         nch = -(-D // 4096)  # kChunk in csrc/sde_step.h
         workspace = _alloc.empty(2 * B * nch, dtype=torch.float32, device=x.device)
+        launch = C.sde_step_forward_cuda if kind == "cuda" else _cupy_forward
         with torch.cuda.device(x.device):
             stream = torch.cuda.current_stream(x.device).cuda_stream
-            C.sde_step_forward_cuda(*args, _ptr(workspace), int(reduce_sum), stream)
+            launch(*args, _ptr(workspace), int(reduce_sum), stream)
     return prev_out, mean, log_prob, kl
 
 
@@ -210,9 +212,49 @@ def _native_backward(kind, x, v, vu, w, prev, vr, vru, a, c, s, g_log_prob, g_kl
     if kind == "cpp":
         C.sde_step_backward_cpu(*args)
     else:
+        launch = C.sde_step_backward_cuda if kind == "cuda" else _cupy_backward
         with torch.cuda.device(x.device):
-            C.sde_step_backward_cuda(*args, torch.cuda.current_stream(x.device).cuda_stream)
+            launch(*args, torch.cuda.current_stream(x.device).cuda_stream)
     return tuple(outs)
+
+
+# The cupy backend's launchers: csrc/sde_step.cu's forward_cuda / backward_cuda launch for launch
+# (same arguments as the diffrl._C bindings, same kernels, same geometry).
+def _cupy_forward(dtype, B, D, x, v, vu, w, noise, prev_in, vr, vru, a, c, s, prev_out, mean, log_prob, kl,
+                  workspace, reduce_sum, stream):
+    from diffrl.ops import _cupy_backend as cb  # noqa: PLC0415
+
+    if B == 0 or D == 0:
+        return
+    k = cb.constants("sde_step.h", "sde_step_kernels.cuh")
+    nch = -(-D // k["kChunk"])
+    tasks = B * nch
+    part_sq, part_kl = workspace, workspace + 4 * tasks  # two float32 arrays of `tasks`
+    name = cb.instance("diffrl::sde::forward_kernel", dtype, vu != 0, noise != 0, vr != 0, mean != 0)
+    P = cb.ptr
+    cb.launch(name, tasks, k["kThreads"],
+              (P(x), P(v), P(vu), cb.f32(w), P(noise), P(prev_in), P(vr), P(vru), P(a), P(c), P(s), P(prev_out),
+               P(mean), P(part_sq), P(part_kl), cb.i64(D), cb.i64(nch)), stream)
+    nt = k["kFinalizeThreads"]
+    cb.launch("diffrl::sde::finalize_kernel", -(-B // nt), nt,
+              (P(part_sq), P(part_kl if vr else 0), P(s), P(log_prob), P(kl), cb.i64(B), cb.i64(D), cb.i64(nch),
+               cb.i32(reduce_sum)), stream)
+
+
+def _cupy_backward(dtype, B, D, x, v, vu, w, prev, vr, vru, a, c, s, g_log_prob, g_kl, g_prev, g_mean, sampling,
+                   reduce_sum, gx, gv, gvu, gxp, gvr, gvru, stream):
+    from diffrl.ops import _cupy_backend as cb  # noqa: PLC0415
+
+    if B == 0 or D == 0:
+        return
+    k = cb.constants("sde_step.h", "sde_step_kernels.cuh")
+    nch = -(-D // k["kChunk"])
+    name = cb.instance("diffrl::sde::backward_kernel", dtype, vu != 0, bool(sampling), vr != 0)
+    P = cb.ptr
+    cb.launch(name, B * nch, k["kThreads"],
+              (P(x), P(v), P(vu), cb.f32(w), P(prev), P(vr), P(vru), P(a), P(c), P(s), P(g_log_prob), P(g_kl),
+               P(g_prev), P(g_mean), P(gx), P(gv), P(gvu), P(gxp), P(gvr), P(gvru), cb.i64(D), cb.i64(nch),
+               cb.i32(reduce_sum)), stream)
 
 
 def _forward_impl(backend):
