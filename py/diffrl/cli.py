@@ -1,4 +1,4 @@
-"""The ``diffrl`` command line: ``diffrl info`` (more subcommands arrive with the trainers and the demo)."""
+"""The ``diffrl`` command line: ``diffrl info``, ``diffrl train`` (more subcommands arrive with the demo)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="version, build and the backends available here")
     p.set_defaults(func=cmd_info)
-    args = parser.parse_args(argv)
+    from diffrl.trainers.cli_train import add_train_parser  # torch only; diffusers/accelerate load when training
+
+    add_train_parser(sub)
+    # `diffrl train` takes free-form `--key value` config overrides; other subcommands take none
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "allow_extra", False):
+        return args.func(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
 
 

@@ -1,0 +1,541 @@
+"""The training loop shared by GRPOTrainer and DDPOTrainer: sample -> reward -> advantages -> PPO.
+
+Determinism and exact resume. Everything random in an epoch comes from generators seeded by
+``(config.seed, epoch, rank, ...)``, not from the global RNG: the prompts of the epoch, the sampling
+noise of each sampler call, the minibatch shuffle and the trained steps. So an epoch depends only on
+the weights, the optimizer state and the tracker state at its start, which is exactly what a
+checkpoint holds; a run resumed from the checkpoint of epoch k repeats the uninterrupted run's
+epoch k + 1 bit for bit (on the same machine and software). The global RNG states are saved and
+restored too, for user code that draws from them.
+
+Epochs are counted from 1: ``epoch-000003`` is the state after 3 epochs, and the metrics record with
+``"epoch": 3`` describes the third epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffrl.trainers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from diffrl.trainers.config import TrainConfig, config_to_dict
+from diffrl.trainers.metrics import MetricsLog
+
+__all__ = ["BaseTrainer", "NonFiniteError", "load_pipeline", "DEFAULT_LORA_TARGETS"]
+
+# attention projections: what Flow-GRPO / DDPO adapt, present in both the SD3 transformer and the UNet
+DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+class NonFiniteError(RuntimeError):
+    """Raised after ``max_nonfinite`` consecutive epochs with a non-finite reward, loss or gradient."""
+
+
+def load_pipeline(pretrained: str, *, seed: int = 0, dtype=torch.float32):
+    """A diffusers pipeline from a folder / hub id, or ``tiny:<family>`` for a random tiny one."""
+    if not pretrained:
+        raise ValueError("config.pretrained is empty: give a diffusers folder or hub id, or 'tiny:<family>' "
+                         "(or pass pipeline= to the trainer)")
+    if pretrained.startswith("tiny:"):
+        from diffrl.samplers.tiny import tiny_pipeline  # noqa: PLC0415
+
+        return tiny_pipeline(pretrained.split(":", 1)[1], seed=seed, dtype=dtype)
+    from diffusers import DiffusionPipeline  # noqa: PLC0415
+
+    return DiffusionPipeline.from_pretrained(pretrained, torch_dtype=dtype)
+
+
+def _denoiser_name(pipe) -> str:
+    for name in ("transformer", "unet"):
+        if isinstance(getattr(pipe, name, None), torch.nn.Module):
+            return name
+    raise ValueError(f"{type(pipe).__name__} has neither a transformer nor a unet to train")
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB; process peak RSS
+
+
+def _available_trackers(names) -> list[str]:
+    """The ``log_with`` trackers that are installed; the others are skipped with a warning."""
+    import importlib.util  # noqa: PLC0415
+    import warnings  # noqa: PLC0415
+
+    modules = {"tensorboard": "tensorboard", "wandb": "wandb"}
+    out = []
+    for name in names:
+        if name not in modules:
+            raise ValueError(f"config: log_with entries must be tensorboard or wandb, got {name!r}")
+        if importlib.util.find_spec(modules[name]) is None:
+            warnings.warn(f"log_with: {name} is not installed; logging only to metrics.jsonl", stacklevel=3)
+        else:
+            out.append(name)
+    return out
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
+
+
+class BaseTrainer:
+    """Subclasses set ``config_class`` and implement ``make_sampler`` and ``compute_advantages``.
+
+    ``pipeline``: a diffusers pipeline to train (default: built from ``config.pretrained``).
+    ``reward``: a ``diffrl.rewards`` reward, or any callable ``(images, prompts) -> {"reward": [B]}``
+    (default: built from ``config.reward``). ``resume``: continue from the newest checkpoint in
+    ``<output_dir>/checkpoints`` (a fresh start when there is none). ``progress``: a tqdm bar.
+    """
+
+    config_class = TrainConfig
+    kind = ""
+
+    def __init__(self, config: TrainConfig, *, pipeline=None, reward=None, accelerator=None,
+                 resume: bool = False, progress: bool = True):
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = cfg = config
+        self.progress = progress
+        if accelerator is None:
+            from accelerate import Accelerator  # noqa: PLC0415
+
+            from accelerate.state import AcceleratorState  # noqa: PLC0415
+
+            cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+            # accelerate keeps one process-wide state and refuses a second Accelerator with other
+            # settings; a later trainer in the same process (tests, notebooks) re-creates it
+            shared = AcceleratorState._shared_state
+            if shared and (str(shared.get("_mixed_precision", cfg.mixed_precision)) != cfg.mixed_precision
+                           or (cpu and shared.get("device") is not None and shared["device"].type != "cpu")):
+                AcceleratorState._reset_state()
+            trackers = _available_trackers(cfg.log_with)
+            accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, log_with=trackers or None,
+                                      project_dir=str(cfg.output_dir))
+            if trackers:
+                accelerator.init_trackers("diffrl", config={k: v for k, v in config_to_dict(cfg).items()
+                                                            if isinstance(v, (int, float, str, bool))})
+        self.accelerator = acc = accelerator
+        self.device = acc.device
+        self.rank, self.world = acc.process_index, acc.num_processes
+        self.output_dir = Path(cfg.output_dir)
+        self.ckpt_dir = self.output_dir / "checkpoints"
+
+        self.prompts = self._load_prompts()
+        # the global RNG seeds what is initialised here (LoRA weights); resume overwrites them anyway
+        torch.manual_seed(cfg.seed)
+        # frozen weights in the mixed-precision dtype (half the memory); trained ones stay float32 below
+        weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.mixed_precision]
+        self.pipe = (pipeline if pipeline is not None
+                     else load_pipeline(cfg.pretrained, seed=cfg.seed, dtype=weight_dtype))
+        self.pipe.to(self.device)
+        if hasattr(self.pipe, "set_progress_bar_config"):
+            self.pipe.set_progress_bar_config(disable=True)
+        self.denoiser_name = _denoiser_name(self.pipe)
+        # freeze every component (text encoders, VAE, the denoiser's base weights); only the
+        # adapters (or, for full fine-tuning, the denoiser) are switched back on below
+        for comp in self.pipe.components.values():
+            if isinstance(comp, torch.nn.Module):
+                comp.requires_grad_(False)
+        raw = getattr(self.pipe, self.denoiser_name)
+        self.reference: Any = None
+        if cfg.use_lora:
+            from peft import LoraConfig  # noqa: PLC0415
+
+            targets = list(cfg.lora_target_modules) or DEFAULT_LORA_TARGETS
+            raw.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
+                                       target_modules=targets))
+            if cfg.kl_coef > 0:
+                from diffrl.samplers import DISABLE_ADAPTERS  # noqa: PLC0415
+
+                self.reference = DISABLE_ADAPTERS  # the base weights are the reference policy
+        else:
+            if cfg.kl_coef > 0:  # full fine-tuning: a frozen copy of the initial weights is the reference
+                self.reference = copy.deepcopy(raw).requires_grad_(False).eval()
+            raw.requires_grad_(True)
+            raw.to(torch.float32)  # float32 master weights; autocast runs the compute in half precision
+        if cfg.gradient_checkpointing and hasattr(raw, "enable_gradient_checkpointing"):
+            raw.enable_gradient_checkpointing()
+        # eval mode throughout: the log-probs recomputed for the loss must be those of sampling
+        # (dropout would make the first PPO ratio differ from 1)
+        raw.eval()
+        self.trainable = {n: p for n, p in raw.named_parameters() if p.requires_grad}
+        for p in self.trainable.values():  # adapters on a half-precision base are made in its dtype
+            p.data = p.data.float()
+        if not self.trainable:
+            raise ValueError("nothing to train: no LoRA target module matched "
+                             f"{list(cfg.lora_target_modules) or DEFAULT_LORA_TARGETS} in the {self.denoiser_name}")
+        self.optimizer = torch.optim.AdamW(list(self.trainable.values()), lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                                           weight_decay=cfg.adam_weight_decay, eps=cfg.adam_eps)
+        self.model, self.optimizer = acc.prepare(raw, self.optimizer)
+        self.raw_model = raw
+        if self.model is not raw and isinstance(self.reference, str):
+            # wrapped (DDP): the sampler cannot switch the wrapper's adapters off; a module that runs
+            # the raw model with its adapters off is the same reference policy
+            self.reference = _AdaptersOff(raw)
+        # EMA of the trained weights (float32 copies), updated after every optimizer step
+        self.ema = ({n: p.detach().float().clone() for n, p in self.trainable.items()}
+                    if cfg.ema_decay > 0 else None)
+        self.reward_fn = reward if reward is not None else self._build_reward()
+        self.sampler = self.make_sampler(self.pipe)
+
+        self.epoch = 0            # completed epochs
+        self.global_step = 0      # optimizer steps
+        self.nonfinite_streak = 0
+        self.history: list[dict] = []
+        self.last_batch: dict | None = None
+        resumed_from = None
+        if resume:
+            ckpt = latest_checkpoint(self.ckpt_dir)
+            if ckpt is not None:
+                self.load_state(ckpt)
+                resumed_from = self.epoch
+        self.resumed_from = resumed_from
+        self.metrics = (MetricsLog(self.output_dir / "metrics.jsonl", resume_after_epoch=resumed_from)
+                        if acc.is_main_process else None)
+
+    # ---- hooks -------------------------------------------------------------------------------
+
+    def make_sampler(self, pipe):
+        raise NotImplementedError
+
+    def compute_advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """This rank's advantages [B] from this rank's rewards [B] (gathering across ranks inside)."""
+        raise NotImplementedError
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, states: dict) -> None:
+        pass
+
+    # ---- setup helpers -----------------------------------------------------------------------
+
+    def _load_prompts(self) -> list[str]:
+        cfg = self.config
+        prompts = list(cfg.prompts)
+        if cfg.prompts_file:
+            path = Path(cfg.prompts_file)
+            if not path.is_file():
+                raise FileNotFoundError(f"prompts_file {str(path)!r} does not exist")
+            prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError("config: no training prompts (set prompts or prompts_file)")
+        return prompts
+
+    def _build_reward(self):
+        from diffrl.trainers.rewards_factory import build_rewards  # noqa: PLC0415
+
+        reward = build_rewards(self.config.reward, self.config.reward_kwargs)
+        if isinstance(reward, torch.nn.Module):  # the reward is frozen, like the rest of the pipeline
+            reward.requires_grad_(False).eval().to(self.device)
+        return reward
+
+    # ---- one epoch -----------------------------------------------------------------------------
+
+    def _generator(self, *keys: int) -> torch.Generator:
+        """A CPU generator seeded by the run seed and ``keys`` (epoch, rank, purpose, ...)."""
+        seed = self.config.seed
+        for k in keys:
+            seed = (seed * 1_000_003 + int(k)) % (2**63 - 1)
+        return torch.Generator().manual_seed(seed)
+
+    def epoch_prompts(self, epoch: int) -> tuple[list[str], list[int]]:
+        """This rank's prompts of ``epoch`` and their group ids (positions in the epoch's global draw,
+        the same on every rank: a group never spans ranks, each rank samples its share)."""
+        n = self.config.prompts_per_epoch
+        draw = torch.randint(len(self.prompts), (n,), generator=self._generator(epoch, 0)).tolist()
+        mine = list(range(self.rank, n, self.world))
+        return [self.prompts[draw[i]] for i in mine], mine
+
+    def sample_epoch(self, epoch: int):
+        from diffrl.samplers import Rollout  # noqa: PLC0415
+
+        cfg = self.config
+        prompts, gids = self.epoch_prompts(epoch)
+        if not prompts:
+            raise ValueError(f"prompts_per_epoch={cfg.prompts_per_epoch} gives rank {self.rank} of {self.world} "
+                             "no prompts; use at least one prompt per process")
+        per_call = max(1, cfg.sample_batch_size // cfg.group_size)
+        parts = []
+        for c, i in enumerate(range(0, len(prompts), per_call)):
+            gen = self._generator(epoch, 1, self.rank, c)
+            with torch.no_grad(), self.accelerator.autocast():
+                parts.append(self.sampler.sample(
+                    prompts[i:i + per_call], num_images_per_prompt=cfg.group_size,
+                    num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                    height=cfg.resolution, width=cfg.resolution, generator=gen, group_ids=gids[i:i + per_call]))
+        return Rollout.cat(parts)
+
+    def score_rewards(self, rollout) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            out = self.reward_fn(rollout.images, rollout.prompts)
+        if not isinstance(out, dict) or "reward" not in out:
+            raise TypeError("a reward must return a dict with a 'reward' entry")
+        return {k: v.detach().float().reshape(len(rollout), -1).mean(1) if isinstance(v, torch.Tensor) else v
+                for k, v in out.items()}
+
+    def train_epoch(self, epoch: int, rollout, advantages: torch.Tensor) -> dict[str, float]:
+        """PPO over the rollout; returns the mean stats and whether something was non-finite."""
+        from diffrl.ops import grpo_loss  # noqa: PLC0415
+
+        cfg = self.config
+        B, S = len(rollout), rollout.num_steps
+        if S == 0:
+            raise ValueError("the sampler recorded no stochastic step (noise_level / eta 0, or an sde_window of "
+                             "deterministic steps): there is no log-prob to train on")
+        n_steps = max(1, int(S * cfg.timestep_fraction))
+        old = rollout.log_probs.detach()
+        adv = advantages.to(old.device).float()
+        sums: dict[str, float] = {}
+        count = 0
+        nonfinite = 0
+        micro = 0  # minibatches accumulated into the pending optimizer step
+        bad_pending = False
+        gen = self._generator(epoch, 2, self.rank)
+        for _ in range(cfg.inner_epochs):
+            perm = torch.randperm(B, generator=gen)
+            # each sample trains on its own random subset of the recorded steps (as DDPO)
+            step_order = torch.stack([torch.randperm(S, generator=gen) for _ in range(B)])[:, :n_steps]
+            batches = perm.split(cfg.train_batch_size)
+            for b, idx in enumerate(batches):
+                sub = rollout[idx]
+                last_micro = (micro + 1 == cfg.gradient_accumulation_steps) or b == len(batches) - 1
+                for j in range(n_steps):
+                    steps = step_order[idx, j]
+                    sync = last_micro and j == n_steps - 1
+                    ctx = self.accelerator.no_sync(self.model) if not sync else contextlib.nullcontext()
+                    with ctx, self.accelerator.autocast():
+                        out = self.sampler.score(sub, steps, transformer_or_unet=self.model, reference=self.reference)
+                        loss, stats = grpo_loss(out.log_prob.float(), old[idx.to(old.device), steps.to(old.device)],
+                                                adv[idx.to(adv.device)], clip_range=cfg.clip_range,
+                                                kl=None if out.kl is None else out.kl.float(), kl_coef=cfg.kl_coef)
+                    # backward even when non-finite: under DDP every rank must join the gradient
+                    # all-reduce; the update is skipped below on every rank alike
+                    self.accelerator.backward(loss / (n_steps * cfg.gradient_accumulation_steps))
+                    if not _finite(loss):
+                        bad_pending = True
+                        continue
+                    sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                    count += 1
+                micro += 1
+                if last_micro:
+                    grad_norm = self.accelerator.clip_grad_norm_(list(self.trainable.values()), cfg.max_grad_norm)
+                    bad_pending = bad_pending or (grad_norm is not None and not math.isfinite(float(grad_norm)))
+                    if self.world > 1:  # skip on every rank or on none, or the replicas drift apart
+                        flag = torch.tensor([float(bad_pending)], device=self.device)
+                        bad_pending = bool(self.accelerator.reduce(flag, "sum").item() > 0)
+                    if bad_pending:  # skip the update: the weights stay those of the last good step
+                        nonfinite += 1
+                    else:
+                        self.optimizer.step()
+                        self.global_step += 1
+                        self._update_ema()
+                        sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+                        sums["_updates"] = sums.get("_updates", 0.0) + 1
+                    self.optimizer.zero_grad(set_to_none=True)
+                    micro, bad_pending = 0, False
+        upd = sums.pop("_updates", 0.0)
+        res = {k: v / max(count, 1) for k, v in sums.items() if k != "grad_norm"}
+        if upd:
+            res["grad_norm"] = sums["grad_norm"] / upd
+        res["skipped_updates"] = nonfinite
+        res["optimizer_steps"] = int(upd)
+        return res
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        d = self.config.ema_decay
+        for n, p in self.trainable.items():
+            self.ema[n].mul_(d).add_(p.detach().float(), alpha=1 - d)
+
+    def run_epoch(self, epoch: int) -> dict[str, Any]:
+        """Epoch ``epoch`` (1-based): sample, reward, advantages, PPO; returns its metrics record."""
+        from diffrl.distributed import gather_rewards  # noqa: PLC0415
+
+        t0 = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        rollout = self.sample_epoch(epoch)
+        t1 = time.perf_counter()
+        heads = self.score_rewards(rollout)
+        rewards = heads["reward"].to(self.device)
+        t2 = time.perf_counter()
+        all_rewards, _, _, _ = gather_rewards(rewards, rollout.group_ids.to(self.device))
+        rec: dict[str, Any] = {"epoch": epoch, "reward_mean": float(all_rewards.mean()),
+                               "reward_std": float(all_rewards.std(unbiased=False)) if all_rewards.numel() else 0.0}
+        for k, v in heads.items():  # every head's mean over all ranks (one gather per head)
+            if k != "reward" and isinstance(v, torch.Tensor):
+                gathered = gather_rewards(v.to(self.device), rollout.group_ids.to(self.device))[0]
+                rec[f"reward/{k}"] = float(gathered.mean())
+        finite_rewards = _finite(all_rewards)
+        if finite_rewards:
+            adv = self.compute_advantages(rewards, rollout.group_ids.to(self.device), rollout.prompts)
+            # this rank's batch of the last epoch, for inspection and the multi-process tests
+            self.last_batch = {"rewards": rewards.detach().cpu(), "group_ids": rollout.group_ids.cpu(),
+                               "advantages": adv.detach().cpu(), "prompts": list(rollout.prompts)}
+            all_adv = gather_rewards(adv.float(), rollout.group_ids.to(self.device))[0]  # stats of the global batch
+            rec.update(adv_mean=float(all_adv.mean()), adv_std=float(all_adv.std(unbiased=False)),
+                       adv_min=float(all_adv.min()), adv_max=float(all_adv.max()))
+            rec.update(self.train_epoch(epoch, rollout, adv))
+        else:  # no update from this batch: advantages of non-finite rewards mean nothing
+            rec["skipped_updates"] = 1
+            rec["optimizer_steps"] = 0
+        t3 = time.perf_counter()
+        rec["nonfinite"] = (not finite_rewards) or rec.get("skipped_updates", 0) > 0 or \
+            not math.isfinite(rec.get("loss", 0.0))
+        rec.update(global_step=self.global_step, time_sample=t1 - t0, time_reward=t2 - t1, time_train=t3 - t2,
+                   time_epoch=t3 - t0, peak_memory_mb=_peak_memory_mb(self.device), samples=len(all_rewards))
+        return rec
+
+    # ---- the run --------------------------------------------------------------------------------
+
+    def train(self, epochs: int | None = None) -> list[dict]:
+        """Train until ``epochs`` (default ``config.epochs``) epochs are complete; returns the records
+        of the epochs run now. Raises :class:`NonFiniteError` after ``max_nonfinite`` bad epochs in a row."""
+        cfg = self.config
+        total = cfg.epochs if epochs is None else epochs
+        bar = None
+        if self.progress and self.accelerator.is_main_process:
+            from tqdm.auto import tqdm  # noqa: PLC0415
+
+            bar = tqdm(total=total, initial=min(self.epoch, total), desc=f"{self.kind or 'train'} epochs",
+                       dynamic_ncols=True)
+        records = []
+        try:
+            while self.epoch < total:
+                epoch = self.epoch + 1
+                rec = self.run_epoch(epoch)
+                self.epoch = epoch
+                self.nonfinite_streak = self.nonfinite_streak + 1 if rec["nonfinite"] else 0
+                if self.metrics is not None:
+                    self.metrics.write(rec)
+                    if self.accelerator.trackers:  # TensorBoard / W&B: the numeric entries
+                        self.accelerator.log({k: float(v) for k, v in rec.items() if isinstance(v, (int, float))
+                                              and k != "epoch"}, step=epoch)
+                records.append(rec)
+                self.history.append(rec)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{rec['reward_mean']:.4g}", loss=f"{rec.get('loss', float('nan')):.3g}")
+                if self.nonfinite_streak >= cfg.max_nonfinite:
+                    last = latest_checkpoint(self.ckpt_dir)
+                    raise NonFiniteError(
+                        f"stopping after {self.nonfinite_streak} consecutive epochs with a non-finite reward, loss "
+                        f"or gradient (max_nonfinite={cfg.max_nonfinite}); their updates were skipped. Last good "
+                        f"checkpoint: {last if last is not None else 'none'}. Lower lr, check the reward, or "
+                        "raise max_nonfinite.")
+                # a non-finite epoch is not checkpointed: the last good checkpoint stays the newest
+                if not rec["nonfinite"] and cfg.save_every and epoch % cfg.save_every == 0:
+                    self.save_state()
+                if cfg.eval_every and cfg.eval_prompts and epoch % cfg.eval_every == 0:
+                    self.save_grid(epoch)
+        finally:
+            if bar is not None:
+                bar.close()
+        return records
+
+    # ---- state -----------------------------------------------------------------------------------
+
+    def trained_weights(self) -> dict[str, torch.Tensor]:
+        """The trained tensors by name (LoRA parameters, or the denoiser's state dict)."""
+        if self.config.use_lora:
+            return {n: p.detach() for n, p in self.trainable.items()}
+        return {n: t.detach() for n, t in self.raw_model.state_dict().items()}
+
+    def save_state(self) -> Path | None:
+        self.accelerator.wait_for_everyone()
+        path = None
+        if self.accelerator.is_main_process:
+            states = {"optimizer": self.optimizer.state_dict(), **self.extra_state()}
+            if self.ema is not None:
+                states["ema"] = self.ema
+            meta = {"global_step": self.global_step, "nonfinite_streak": self.nonfinite_streak, "trainer": self.kind,
+                    "use_lora": self.config.use_lora, "config": config_to_dict(self.config)}
+            path = save_checkpoint(self.ckpt_dir, self.epoch, weights=self.trained_weights(), states=states,
+                                   meta=meta, keep_last=self.config.keep_last)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def load_state(self, path) -> None:
+        ck = load_checkpoint(path)
+        meta = ck["meta"]
+        if meta.get("use_lora", self.config.use_lora) != self.config.use_lora:
+            raise ValueError(f"{path}: checkpoint has use_lora={meta.get('use_lora')}, "
+                             f"config has {self.config.use_lora}")
+        target = self.trainable if self.config.use_lora else dict(self.raw_model.state_dict())
+        missing = set(target) - set(ck["weights"])
+        extra = set(ck["weights"]) - set(target)
+        if missing or extra:
+            raise ValueError(f"{path}: checkpoint weights do not match the model (missing {sorted(missing)[:3]}, "
+                             f"unexpected {sorted(extra)[:3]}); was it written with another lora_rank / targets?")
+        with torch.no_grad():
+            for n, t in target.items():
+                t.copy_(ck["weights"][n].to(t.device, t.dtype))
+        self.optimizer.load_state_dict(ck["states"]["optimizer"])
+        self.load_extra_state(ck["states"])
+        if self.ema is not None:
+            if "ema" not in ck["states"]:
+                raise ValueError(f"{path}: config has ema_decay > 0 but the checkpoint has no EMA weights")
+            for n, t in ck["states"]["ema"].items():
+                self.ema[n].copy_(t)
+        self.epoch = int(meta["epoch"])
+        self.global_step = int(meta.get("global_step", 0))
+        self.nonfinite_streak = int(meta.get("nonfinite_streak", 0))
+
+    # ---- image grids -----------------------------------------------------------------------------
+
+    def save_grid(self, epoch: int) -> Path | None:
+        """One image per eval prompt, same noise every time, as ``<output_dir>/grids/epoch-NNNNNN.png``."""
+        if not self.accelerator.is_main_process:
+            return None
+        from PIL import Image  # noqa: PLC0415
+
+        cfg = self.config
+        with torch.no_grad(), self.accelerator.autocast():
+            r = self.sampler.sample(list(cfg.eval_prompts), num_images_per_prompt=1,
+                                    num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                                    height=cfg.resolution, width=cfg.resolution,
+                                    generator=torch.Generator().manual_seed(cfg.seed))
+        imgs = (r.images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        n = len(imgs)
+        cols = min(n, 4)
+        rows = (n + cols - 1) // cols
+        h, w = imgs.shape[1:3]
+        grid = Image.new("RGB", (cols * w, rows * h))
+        for i, im in enumerate(imgs):
+            grid.paste(Image.fromarray(im), ((i % cols) * w, (i // cols) * h))
+        path = self.output_dir / "grids" / f"epoch-{epoch:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        return path
+
+
+class _AdaptersOff(torch.nn.Module):
+    """``model`` with its peft adapters switched off for the duration of each call (the KL
+    reference of a LoRA run whose trained model is wrapped by DDP)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    @property
+    def dtype(self):
+        return self.inner.dtype
+
+    def forward(self, *args, **kwargs):
+        from diffrl.samplers.adapters import adapters_disabled  # noqa: PLC0415
+
+        with adapters_disabled(self.inner):
+            return self.inner(*args, **kwargs)

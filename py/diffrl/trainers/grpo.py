@@ -1,0 +1,34 @@
+"""``GRPOTrainer``: Flow-GRPO on a flow-matching pipeline (SD3 / SD3.5, FLUX.1).
+
+SDE sampling through ``FlowSDESampler`` (``noise_level``, ``sde_type``; ``sde_window`` makes only
+steps ``[start, end)`` stochastic and trained, as MixGRPO / Flow-GRPO-Fast), advantages normalised
+within each prompt's group across all ranks (``adv_std``, ``adv_clip``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffrl.trainers.base import BaseTrainer
+from diffrl.trainers.config import GRPOConfig
+
+__all__ = ["GRPOTrainer"]
+
+
+class GRPOTrainer(BaseTrainer):
+    config_class = GRPOConfig
+    kind = "grpo"
+
+    def make_sampler(self, pipe):
+        from diffrl.samplers import FlowSDESampler  # noqa: PLC0415
+
+        cfg = self.config
+        window = tuple(cfg.sde_window) if cfg.sde_window else None
+        return FlowSDESampler(pipe, noise_level=cfg.noise_level, sde_type=cfg.sde_type, sde_steps=window)
+
+    def compute_advantages(self, rewards, group_ids, prompts):
+        from diffrl.distributed import distributed_group_advantages  # noqa: PLC0415
+
+        clip = self.config.adv_clip if self.config.adv_clip > 0 else None
+        return distributed_group_advantages(rewards.float(), group_ids.long(), std=self.config.adv_std,
+                                            clip=clip).to(torch.float32)
