@@ -7,8 +7,9 @@ the held-out evaluation set (``--eval-prompts`` prompts from ``random_prompt(ran
 i))``) are excluded from training (compared by ``Scene.key``, so "A left of B" also excludes "B right
 of A"): the reported accuracy is on prompts the model never saw.
 
-Objective: rectified flow, ``x_t = (1 - t) x0 + t eps`` with x0 the image in [-1, 1], the model
-predicts ``v = eps - x0`` (MSE). t is logit-normal(0, 1) (SD3's choice: more weight on mid noise
+Objective: rectified flow, ``x_t = (1 - t) x0 + t eps`` with x0 the image in [-1, 1]. The model
+returns the velocity ``v = eps - x0`` (what samplers use); by default (``prediction="x0"``) the network
+predicts x0 and ``v = (x_t - x0_hat) / t``, trained with the MSE on x0. t is logit-normal(0, 1) (SD3's choice: more weight on mid noise
 levels, where layout and counts are decided). The prompt is replaced by "" with probability
 ``--cfg-dropout`` so the model also learns the null condition for classifier-free guidance. AdamW with
 linear warmup and cosine decay; an EMA of the weights is what gets evaluated and saved.
@@ -23,8 +24,9 @@ Outputs: the pipeline folder (``save_pretrained``, safetensors) in ``--output-di
 packaged ``py/diffrl/models/shapes_base``) and ``train_log.json`` beside it (config, steps, wall time,
 loss curve, eval history, final eval).
 
-The shipped model was trained with the defaults (see ``train_log.json`` in the packaged folder for
-the exact numbers): ``python scripts/train_shapes_base.py`` on a shared 2-core CPU.
+Status: no model is shipped yet. Runs so far on a shared 2-core CPU (17-22 min, patch 8 and 4,
+velocity and x0 prediction) reached loss ~0.05 but held-out accuracy 0.00 (reward ~0.37-0.42): the
+samples are fragmented at patch granularity. See the issue notes for what to try next.
 """
 
 from __future__ import annotations
