@@ -22,8 +22,8 @@ from diffrl.samplers import DISABLE_ADAPTERS, DDIMSampler, FlowSDESampler, Rollo
 from diffrl.samplers.tiny import tiny_pipeline  # noqa: E402
 
 PROMPTS = ["a red circle", "two blue squares"]
-FLOW = ("sd3", "flux")
-FAMILIES = ("sd", "sd-v", "sdxl", "sd3", "flux")
+FLOW = ("sd3", "flux", "shapes")
+FAMILIES = ("sd", "sd-v", "sdxl", "sd3", "flux", "shapes")
 SIZE = dict(height=32, width=32)
 
 
@@ -41,7 +41,7 @@ def pipes():
 
 def _opts(family):
     # short T5 context: the tiny tokenizers' max length (the pipelines default to 256 / 512)
-    return {"max_sequence_length": 16} if family in FLOW else {}
+    return {"max_sequence_length": 16} if family in ("sd3", "flux") else {}
 
 
 def _sampler(pipe, family, noisy=True, **kw):
@@ -95,7 +95,8 @@ def test_drop_in_flux_true_cfg(pipes):
 
 
 @pytest.mark.parametrize("family,sde_type", [("sd", None), ("sd-v", None), ("sdxl", None), ("sd3", "sde"),
-                                             ("sd3", "cps"), ("flux", "sde")])
+                                             ("sd3", "cps"), ("flux", "sde"),
+                                             ("shapes", "sde"), ("shapes", "cps")])
 def test_score_reproduces_recorded_log_prob_bitwise(pipes, family, sde_type):
     pipe = pipes(family)
     kw = {"sde_type": sde_type} if sde_type else {}

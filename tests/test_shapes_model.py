@@ -131,7 +131,7 @@ def test_pipeline_offline_round_trip(saved_tiny):
     loaded.set_progress_bar_config(disable=True)
     assert isinstance(loaded.tokenizer, ShapesTokenizer) and isinstance(loaded.transformer, ShapesDiT)
     prompts = ["a red circle", "two blue squares"]
-    kw = dict(num_images_per_prompt=2, num_inference_steps=4, guidance_scale=3.0)
+    kw = dict(num_images_per_prompt=2, num_inference_steps=4, guidance_scale=3.0, return_dict=False)
     a = pipe(prompts, generator=torch.Generator().manual_seed(7), **kw)
     b = loaded(prompts, generator=torch.Generator().manual_seed(7), **kw)
     c = loaded(prompts, generator=torch.Generator().manual_seed(8), **kw)
@@ -142,12 +142,15 @@ def test_pipeline_offline_round_trip(saved_tiny):
     assert torch.equal(again, b)  # same generator -> same images
     assert not torch.equal(a, c)
     np_imgs = loaded("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(1),
-                     output_type="np")
+                     output_type="np").images
     assert np_imgs.shape == (1, 32, 32, 3)
-    pil = loaded("a red circle", num_inference_steps=2, output_type="pil")
+    pil = loaded("a red circle", num_inference_steps=2, output_type="pil").images
     assert pil[0].size == (32, 32)
     with pytest.raises(ValueError):
         loaded("a red circle", num_inference_steps=2, output_type="latent")
+    with pytest.raises(ValueError, match="32x32"):
+        loaded("a red circle", num_inference_steps=2, height=64, width=64)
+    assert loaded("a red circle", num_inference_steps=2, height=32, width=32).images.shape == (1, 3, 32, 32)
 
 
 def test_pipeline_helpers(saved_tiny):
@@ -184,7 +187,8 @@ def test_pipeline_flow_convention(saved_tiny, monkeypatch):
         return (hidden_states - target) / sigma
 
     monkeypatch.setattr(pipe.transformer, "forward", oracle)
-    img = pipe("a red circle", num_inference_steps=5, guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
+    img = pipe("a red circle", num_inference_steps=5, guidance_scale=1.0, generator=torch.Generator().manual_seed(0),
+               return_dict=False)
     torch.testing.assert_close(img, (target + 1) / 2, rtol=0, atol=1e-5)
 
 
@@ -195,5 +199,5 @@ def test_packaged_model_loads_and_samples():
     n_bytes = sum(f.stat().st_size for f in PACKAGED.rglob("*.safetensors"))
     assert n_bytes <= 20 * 2**20
     imgs = pipe(["a red circle", "two blue squares"], num_inference_steps=4, guidance_scale=4.0,
-                generator=torch.Generator().manual_seed(0))
+                generator=torch.Generator().manual_seed(0)).images
     assert imgs.shape == (2, 3, 32, 32) and imgs.min() >= 0 and imgs.max() <= 1

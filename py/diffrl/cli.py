@@ -1,4 +1,4 @@
-"""The ``diffrl`` command line: ``diffrl info``, ``diffrl train`` (more subcommands arrive with the demo)."""
+"""The ``diffrl`` command line: ``diffrl info``, ``diffrl train``, ``diffrl demo``."""
 
 from __future__ import annotations
 
@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     from diffrl.trainers.cli_train import add_train_parser  # torch only; diffusers/accelerate load when training
 
     add_train_parser(sub)
+    from diffrl.demo import add_demo_parser
+
+    add_demo_parser(sub)
     # `diffrl train` takes free-form `--key value` config overrides; other subcommands take none
     args, extra = parser.parse_known_args(argv)
     if getattr(args, "allow_extra", False):

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import ConfigMixin, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ModelMixin
 from diffusers.configuration_utils import register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from diffrl.models.shapes import COLORS, NUMBERS, RELATIONS, SHAPES
@@ -121,24 +123,29 @@ class _MLP(nn.Sequential):
 
 
 class _Attention(nn.Module):
-    """Multi-head attention via SDPA; ``mask`` (bool [B, Lk], True = attend) masks keys."""
+    """Multi-head attention via SDPA; ``mask`` (bool [B, Lk], True = attend) masks keys.
+
+    The projections carry diffusers' names (``to_q``, ``to_k``, ``to_v``, ``to_out.0``) so that the
+    LoRA targets used for SD3 / SD / FLUX (``diffrl.trainers.DEFAULT_LORA_TARGETS``) fit this model too."""
 
     def __init__(self, dim: int, heads: int, kv_dim: int | None = None):
         super().__init__()
         self.heads = heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(kv_dim or dim, 2 * dim)
-        self.out = nn.Linear(dim, dim)
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(kv_dim or dim, dim)
+        self.to_v = nn.Linear(kv_dim or dim, dim)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim))
 
     def forward(self, x, ctx=None, mask=None):
         ctx = x if ctx is None else ctx
         b, n, d = x.shape
-        h = self.heads
-        q = self.q(x).view(b, n, h, d // h).transpose(1, 2)
-        k, v = self.kv(ctx).view(b, ctx.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
+        h, m = self.heads, ctx.shape[1]
+        q = self.to_q(x).view(b, n, h, d // h).transpose(1, 2)
+        k = self.to_k(ctx).view(b, m, h, d // h).transpose(1, 2)
+        v = self.to_v(ctx).view(b, m, h, d // h).transpose(1, 2)
         attn_mask = None if mask is None else mask[:, None, None, :].bool()
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.out(y.transpose(1, 2).reshape(b, n, d))
+        return self.to_out(y.transpose(1, 2).reshape(b, n, d))
 
 
 class ShapesTextEncoder(ModelMixin, ConfigMixin):
@@ -203,7 +210,7 @@ class _DiTBlock(nn.Module):
         return x
 
 
-class ShapesDiT(ModelMixin, ConfigMixin):
+class ShapesDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """Pixel-space DiT predicting the flow velocity.
 
     ``forward(hidden_states [B, 3, H, W], timestep [B] or scalar in [0, 1000], encoder_hidden_states
@@ -213,24 +220,37 @@ class ShapesDiT(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, sample_size: int = 32, in_channels: int = 3, patch_size: int = 4, dim: int = 128,
                  num_layers: int = 4, num_heads: int = 4, mlp_ratio: float = 2.0, text_dim: int = 128,
-                 prediction: str = "velocity"):
+                 prediction: str = "velocity", conv_channels: int = 0):
         super().__init__()
         if prediction not in ("velocity", "x0"):
             raise ValueError(f"prediction must be 'velocity' or 'x0', got {prediction!r}")
         p = patch_size
         n = (sample_size // p) ** 2
-        self.patch = nn.Linear(in_channels * p * p, dim)
+        c = conv_channels
+        if c:
+            # Conv stem and head at full resolution: a pixel's output sees its neighbours across patch
+            # borders, so samples are not stitched from independently decoded patches (the blocky
+            # fragments a plain patchify/unpatchify DiT showed in short runs).
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, c, 3, padding=1), nn.SiLU())
+            self.patch = nn.Conv2d(c, dim, p, stride=p)
+            self.head = nn.Sequential(nn.SiLU(), nn.Conv2d(2 * c, c, 3, padding=1), nn.SiLU(),
+                                      nn.Conv2d(c, in_channels, 3, padding=1))
+            nn.init.zeros_(self.head[-1].weight)
+            nn.init.zeros_(self.head[-1].bias)
+        else:
+            self.patch = nn.Linear(in_channels * p * p, dim)
         self.pos = nn.Parameter(torch.randn(n, dim) * 0.02)
         self.t_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.pool_mlp = nn.Sequential(nn.Linear(text_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.blocks = nn.ModuleList(_DiTBlock(dim, num_heads, text_dim, mlp_ratio) for _ in range(num_layers))
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Linear(dim, 2 * dim)
-        self.proj_out = nn.Linear(dim, in_channels * p * p)
+        self.proj_out = nn.Linear(dim, (c or in_channels) * p * p)
         nn.init.zeros_(self.ada_out.weight)
         nn.init.zeros_(self.ada_out.bias)
-        nn.init.zeros_(self.proj_out.weight)
-        nn.init.zeros_(self.proj_out.bias)
+        if not c:  # adaLN-Zero: the plain model starts as the zero function (the conv head's last layer is)
+            nn.init.zeros_(self.proj_out.weight)
+            nn.init.zeros_(self.proj_out.bias)
 
     def forward(self, hidden_states, timestep, encoder_hidden_states, pooled_projections,
                 encoder_attention_mask=None, return_dict: bool | None = None):
@@ -238,16 +258,23 @@ class ShapesDiT(ModelMixin, ConfigMixin):
         (diffusers' conventions, for callers written against SD3's transformer)."""
         x = hidden_states
         b, c, h, w = x.shape
-        p = self.config.patch_size
-        tok = x.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
-        tok = self.patch(tok) + self.pos
+        p, cc = self.config.patch_size, self.config.conv_channels
+        if cc:
+            feat = self.stem(x)
+            tok = self.patch(feat).flatten(2).transpose(1, 2) + self.pos
+        else:
+            tok = x.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
+            tok = self.patch(tok) + self.pos
         t = torch.as_tensor(timestep, device=x.device).float().reshape(-1).expand(b)
         cond = self.t_mlp(timestep_embedding(t, self.config.dim)) + self.pool_mlp(pooled_projections)
         for blk in self.blocks:
             tok = blk(tok, cond, encoder_hidden_states, encoder_attention_mask)
         shift, scale = self.ada_out(F.silu(cond)).chunk(2, dim=-1)
         tok = self.proj_out(_modulate(self.norm_out(tok), shift, scale))
-        out = tok.view(b, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        co = cc or c
+        out = tok.view(b, h // p, w // p, co, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, co, h, w)
+        if cc:
+            out = self.head(torch.cat([out, feat], dim=1))
         if self.config.prediction == "x0":
             # The network predicts the clean image and the velocity follows exactly from
             # x_t = (1 - s) x0 + s eps:  v = eps - x0 = (x_t - x0) / s. The noise in x_t then reaches
@@ -350,7 +377,14 @@ class ShapesPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, prompt, num_images_per_prompt: int = 1, num_inference_steps: int = 20,
                  guidance_scale: float = 4.0, negative_prompt=None, generator=None, latents=None,
-                 output_type: str = "pt", return_dict: bool = False):
+                 output_type: str = "pt", return_dict: bool = True, height: int | None = None,
+                 width: int | None = None):
+        """Images for ``prompt`` (diffusers' conventions: ``.images`` of the returned output, or the
+        images alone with ``return_dict=False``; ``output_type`` "pt" [B, 3, 32, 32] in [0, 1], "np"
+        or "pil"). ``height``/``width`` are accepted for drop-in use and must equal the model's size."""
+        s = self.default_sample_size
+        if (height or s, width or s) != (s, s):
+            raise ValueError(f"{type(self).__name__} makes {s}x{s} images only, got {height}x{width}")
         device = self._execution_device
         do_cfg = guidance_scale > 1.0
         cond, uncond = self.encode_prompt(prompt, do_cfg, negative_prompt, num_images_per_prompt, device)
@@ -374,15 +408,45 @@ class ShapesPipeline(DiffusionPipeline):
         return images
 
 
+def dtype_kwarg(dtype: torch.dtype) -> dict:
+    """``from_pretrained``'s dtype keyword: ``dtype`` in diffusers >= 0.36 (``torch_dtype`` is deprecated
+    there), ``torch_dtype`` before."""
+    from diffusers.utils import deprecation_utils  # noqa: PLC0415
+
+    return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
+
+
+#: the packaged base model (trained by scripts/train_shapes_base.py; see its README.md)
+BASE_MODEL_DIR = Path(__file__).resolve().parent / "shapes_base"
+
+
+def load_base_pipeline(device=None, dtype: torch.dtype = torch.float32) -> ShapesPipeline:
+    """The packaged pre-trained shapes model (offline; ~8 MB of safetensors in the package)."""
+    if not (BASE_MODEL_DIR / "model_index.json").exists():
+        raise FileNotFoundError(f"the packaged shapes base model is missing ({BASE_MODEL_DIR}): reinstall diffrl "
+                                "or train one with scripts/train_shapes_base.py")
+    from diffusers.utils import logging as dlogging  # noqa: PLC0415
+
+    bar = dlogging.is_progress_bar_enabled()
+    dlogging.disable_progress_bar()  # no "loading pipeline components" bar for a 4-file local folder
+    try:
+        pipe = ShapesPipeline.from_pretrained(BASE_MODEL_DIR, local_files_only=True, **dtype_kwarg(dtype))
+    finally:
+        if bar:
+            dlogging.enable_progress_bar()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device) if device is not None else pipe
+
+
 def build_pipeline(dim: int = 128, num_layers: int = 6, num_heads: int = 4, text_dim: int = 128,
                    text_layers: int = 2, mlp_ratio: float = 2.0, sample_size: int = 32,
-                   patch_size: int = 8, prediction: str = "x0") -> ShapesPipeline:
+                   patch_size: int = 8, prediction: str = "x0", conv_channels: int = 0) -> ShapesPipeline:
     """A fresh, randomly initialised pipeline (the training script's starting point; tests use small sizes)."""
     tok = ShapesTokenizer()
     te = ShapesTextEncoder(vocab_size=tok.vocab_size, max_length=tok.max_length, dim=text_dim,
                            num_layers=text_layers, num_heads=num_heads, mlp_ratio=mlp_ratio)
     dit = ShapesDiT(sample_size=sample_size, patch_size=patch_size, dim=dim, num_layers=num_layers, num_heads=num_heads,
-                    mlp_ratio=mlp_ratio, text_dim=text_dim, prediction=prediction)
+                    mlp_ratio=mlp_ratio, text_dim=text_dim, prediction=prediction, conv_channels=conv_channels)
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     pipe = ShapesPipeline(tok, te, dit, sched)
     pipe.set_progress_bar_config(disable=True)
@@ -390,4 +454,5 @@ def build_pipeline(dim: int = 128, num_layers: int = 6, num_heads: int = 4, text
 
 
 __all__ = ["ShapesTokenizer", "ShapesTextEncoder", "ShapesDiT", "ShapesPipeline", "build_pipeline",
+           "load_base_pipeline", "BASE_MODEL_DIR",
            "default_vocab", "timestep_embedding"]

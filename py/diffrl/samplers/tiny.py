@@ -28,7 +28,7 @@ import warnings
 
 import torch
 
-FAMILIES = ("sd", "sd-v", "sdxl", "sd3", "flux")
+FAMILIES = ("sd", "sd-v", "sdxl", "sd3", "flux", "shapes")
 
 _CLIP_MAX_LEN = 16  # short CLIP context: tiny prompts, fast text towers
 _T5_MAX_LEN = 16
@@ -141,6 +141,16 @@ def tiny_pipeline(family: str, *, seed: int = 0, dtype: torch.dtype = torch.floa
                 vae=_vae(4, flow=True), text_encoder=_clip_text(16, True), tokenizer=clip_tokenizer(),
                 text_encoder_2=_clip_text(16, True), tokenizer_2=clip_tokenizer(),
                 text_encoder_3=_t5_text(32), tokenizer_3=t5_tokenizer())
+        elif family == "shapes":  # diffrl's own pixel-space model (32 px only), shrunk
+            from diffrl.models.shapes_model import build_pipeline  # noqa: PLC0415
+
+            pipe = build_pipeline(dim=32, num_layers=1, num_heads=2, text_dim=32, text_layers=1, patch_size=8)
+            with torch.no_grad():  # adaLN-Zero starts as the zero function: make the tiny model do something
+                for p in pipe.transformer.parameters():
+                    if not p.any():
+                        p.normal_(0.0, 0.05)
+            pipe.transformer.eval()
+            pipe.text_encoder.eval()
         else:  # flux
             from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel  # noqa: PLC0415
 

@@ -39,17 +39,27 @@ class NonFiniteError(RuntimeError):
 
 
 def load_pipeline(pretrained: str, *, seed: int = 0, dtype=torch.float32):
-    """A diffusers pipeline from a folder / hub id, or ``tiny:<family>`` for a random tiny one."""
+    """A diffusers pipeline from a folder / hub id, ``tiny:<family>`` for a random tiny one, or
+    ``builtin:shapes`` for the packaged pre-trained shapes model."""
     if not pretrained:
-        raise ValueError("config.pretrained is empty: give a diffusers folder or hub id, or 'tiny:<family>' "
-                         "(or pass pipeline= to the trainer)")
+        raise ValueError("config.pretrained is empty: give a diffusers folder or hub id, 'tiny:<family>' or "
+                         "'builtin:shapes' (or pass pipeline= to the trainer)")
+    if pretrained.startswith("builtin:"):
+        name = pretrained.split(":", 1)[1]
+        if name != "shapes":
+            raise ValueError(f"unknown built-in model {name!r}: the package ships 'builtin:shapes'")
+        from diffrl.models.shapes_model import load_base_pipeline  # noqa: PLC0415
+
+        return load_base_pipeline(dtype=dtype)
     if pretrained.startswith("tiny:"):
         from diffrl.samplers.tiny import tiny_pipeline  # noqa: PLC0415
 
         return tiny_pipeline(pretrained.split(":", 1)[1], seed=seed, dtype=dtype)
     from diffusers import DiffusionPipeline  # noqa: PLC0415
 
-    return DiffusionPipeline.from_pretrained(pretrained, torch_dtype=dtype)
+    from diffrl.models.shapes_model import dtype_kwarg  # noqa: PLC0415
+
+    return DiffusionPipeline.from_pretrained(pretrained, **dtype_kwarg(dtype))
 
 
 def _denoiser_name(pipe) -> str:
@@ -406,15 +416,23 @@ class BaseTrainer:
         of the epochs run now. Raises :class:`NonFiniteError` after ``max_nonfinite`` bad epochs in a row."""
         cfg = self.config
         total = cfg.epochs if epochs is None else epochs
+        budget = cfg.max_minutes * 60 if cfg.max_minutes > 0 else None
+        t_start = time.perf_counter()
         bar = None
         if self.progress and self.accelerator.is_main_process:
             from tqdm.auto import tqdm  # noqa: PLC0415
 
-            bar = tqdm(total=total, initial=min(self.epoch, total), desc=f"{self.kind or 'train'} epochs",
-                       dynamic_ncols=True)
+            if budget is None:
+                bar = tqdm(total=total, initial=min(self.epoch, total), desc=f"{self.kind or 'train'} epochs",
+                           dynamic_ncols=True)
+            else:  # a time budget: the bar counts seconds
+                bar = tqdm(total=round(budget), desc=f"{self.kind or 'train'} (time budget)", unit="s",
+                           dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{postfix}]")
         records = []
         try:
             while self.epoch < total:
+                if budget is not None and time.perf_counter() - t_start >= budget:
+                    break
                 epoch = self.epoch + 1
                 rec = self.run_epoch(epoch)
                 self.epoch = epoch
@@ -427,8 +445,12 @@ class BaseTrainer:
                 records.append(rec)
                 self.history.append(rec)
                 if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(reward=f"{rec['reward_mean']:.4g}", loss=f"{rec.get('loss', float('nan')):.3g}")
+                    if budget is None:
+                        bar.update(1)
+                    else:
+                        bar.update(min(budget, time.perf_counter() - t_start) - bar.n)
+                    bar.set_postfix(epoch=epoch, reward=f"{rec['reward_mean']:.4g}",
+                                    loss=f"{rec.get('loss', float('nan')):.3g}")
                 if self.nonfinite_streak >= cfg.max_nonfinite:
                     last = latest_checkpoint(self.ckpt_dir)
                     raise NonFiniteError(

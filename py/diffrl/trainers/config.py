@@ -33,6 +33,7 @@ class TrainConfig:
     resolution: int = 512
     # one epoch = prompts_per_epoch prompts x group_size images
     epochs: int = 10
+    max_minutes: float = 0.0             # stop after the epoch that passes this wall time (0: no limit)
     prompts_per_epoch: int = 8
     group_size: int = 4
     sample_batch_size: int = 8           # images per sampler call

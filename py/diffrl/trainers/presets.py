@@ -1,6 +1,8 @@
 """Named configurations, runnable with ``diffrl train --preset NAME``.
 
-A preset is a trainer kind (``grpo`` | ``ddpo``) and config values. ``pretrained: "tiny:<family>"``
+A preset is a trainer kind (``grpo`` | ``ddpo``) and config values (a value may be a function, called
+when the preset is used). ``pretrained: "builtin:shapes"`` is the packaged shapes model of ``diffrl
+demo`` (preset ``shapes-grpo``); ``pretrained: "tiny:<family>"``
 means a random-weight pipeline from ``diffrl.samplers.tiny`` (nothing is downloaded), which is
 what makes the ``tiny-*`` presets run an epoch on a CPU in seconds. They are smoke tests of the
 whole loop, not models that learn anything useful.
@@ -34,7 +36,25 @@ _TINY_COMMON = {
     "reward": {"jpeg_incompressibility": 1.0},
 }
 
+def _shapes_prompts() -> list[str]:
+    from diffrl.models.shapes_eval import training_prompts  # noqa: PLC0415
+
+    return training_prompts(2000, seed=123)
+
+
 PRESETS: dict[str, dict] = {
+    # the demo (`diffrl demo`): the packaged shapes model against its rule-based verifier, on a CPU
+    "shapes-grpo": {
+        "trainer": "grpo",
+        "config": {"pretrained": "builtin:shapes", "prompts": _shapes_prompts, "output_dir": "runs/shapes-grpo",
+                   "eval_prompts": ["two red circles", "a blue square left of a yellow triangle",
+                                    "three green triangles", "a purple circle above a red square"],
+                   "resolution": 32, "num_inference_steps": 10, "guidance_scale": 4.0, "noise_level": 0.7,
+                   "epochs": 10_000, "max_minutes": 8.0, "prompts_per_epoch": 8, "group_size": 8,
+                   "sample_batch_size": 64, "train_batch_size": 16, "timestep_fraction": 0.5,
+                   "clip_range": 1e-3, "kl_coef": 0.0, "lr": 3e-4, "lora_rank": 16, "lora_alpha": 32,
+                   "adv_clip": 5.0, "save_every": 0, "keep_last": 1, "reward": {"shapes": 1.0}},
+    },
     "tiny-sd3-jpeg": {
         "trainer": "grpo",
         "config": {**_TINY_COMMON, "pretrained": "tiny:sd3", "output_dir": "runs/tiny-sd3-jpeg",
@@ -55,4 +75,5 @@ def get_preset(name: str) -> tuple[str, dict]:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise KeyError(f"unknown preset {name!r}{hint}; presets: {', '.join(PRESETS)}")
     p = PRESETS[name]
-    return p["trainer"], copy.deepcopy(p["config"])
+    # values given as functions are computed on demand (the shapes prompt list)
+    return p["trainer"], {k: v() if callable(v) else copy.deepcopy(v) for k, v in p["config"].items()}
