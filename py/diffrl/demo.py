@@ -132,7 +132,7 @@ def run_demo(output_dir: str | Path = "runs/demo", *, minutes: float | None = No
     table = _table(before, after)
     say("\n" + table + "\n")
     gain = after["accuracy"] - before["accuracy"]
-    title = (f"GRPO on the shapes model: held-out accuracy {before['accuracy']:.2f} -> {after['accuracy']:.2f} "
+    title = (f"GRPO on the shapes model: held-out accuracy {before['accuracy']:.2f} -> {after['accuracy']:.2f}\n"
              f"in {t_train / 60:.1f} min ({len(records)} epochs, {platform.machine()}, {torch.get_num_threads()} threads)")
     plotted = _plot(records, before, after, out / "reward_curve.png", title)
     summary = {

@@ -427,7 +427,7 @@ class BaseTrainer:
                            dynamic_ncols=True)
             else:  # a time budget: the bar counts seconds
                 bar = tqdm(total=round(budget), desc=f"{self.kind or 'train'} (time budget)", unit="s",
-                           dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{postfix}]")
+                           dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s{postfix}")
         records = []
         try:
             while self.epoch < total:

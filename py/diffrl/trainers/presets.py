@@ -51,8 +51,8 @@ PRESETS: dict[str, dict] = {
                                     "three green triangles", "a purple circle above a red square"],
                    "resolution": 32, "num_inference_steps": 10, "guidance_scale": 4.0, "noise_level": 0.7,
                    "epochs": 10_000, "max_minutes": 8.0, "prompts_per_epoch": 8, "group_size": 8,
-                   "sample_batch_size": 64, "train_batch_size": 16, "timestep_fraction": 0.5,
-                   "clip_range": 1e-3, "kl_coef": 0.0, "lr": 3e-4, "lora_rank": 16, "lora_alpha": 32,
+                   "sample_batch_size": 64, "train_batch_size": 16, "sde_window": [0, 5],
+                   "timestep_fraction": 1.0, "clip_range": 1e-3, "kl_coef": 0.0, "use_lora": False, "lr": 2e-5,
                    "adv_clip": 5.0, "save_every": 0, "keep_last": 1, "reward": {"shapes": 1.0}},
     },
     "tiny-sd3-jpeg": {
