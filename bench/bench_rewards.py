@@ -61,15 +61,10 @@ def cases(device_type: str, quick: bool = False, dtypes=None, sizes=None) -> lis
 
 
 def _tokenizer():
-    from transformers import CLIPTokenizer  # noqa: PLC0415
+    from diffrl.samplers.tiny import clip_tokenizer  # noqa: PLC0415 - the same single-letter CLIP tokenizer
 
-    vocab = {}
-    for c in string.ascii_lowercase:
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77), vocab
+    tok = clip_tokenizer(77)
+    return tok, tok.get_vocab()
 
 
 def _config(name: str, vocab: dict):

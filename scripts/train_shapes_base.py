@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "py"))  # run from a checkout without installing
 
 from diffrl.models.shapes import parse_prompt, random_prompt, render_batch  # noqa: E402
-from diffrl.models.shapes_eval import EVAL_SEED, evaluate, heldout_prompts, save_grid  # noqa: E402,F401
+from diffrl.models.shapes_eval import evaluate, heldout_prompts, save_grid  # noqa: E402
 from diffrl.models.shapes_model import build_pipeline  # noqa: E402
 from diffrl.rewards import ShapesReward  # noqa: E402
 
