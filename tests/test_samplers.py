@@ -277,6 +277,29 @@ def test_groups_and_images_per_prompt(pipes):
     assert r2.group_ids.tolist() == [7, 8, 7]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_same_initial_noise(pipes, family):
+    """A group starts from one latent (the first prompt image's draw) and differs only by the step noise."""
+    pipe = pipes(family)
+    seed = int(torch.randint(1 << 30, ()))
+    noisy, ode = _sampler(pipe, family), _sampler(pipe, family, noisy=False)
+    r = _sample(noisy, family, seed=seed, G=3, T=3, same_initial_noise=True)
+    start = r.latents[:, 0] if int(r.latent_positions[0]) == 0 else None
+    assert r.info["same_initial_noise"] is True
+    if start is not None:  # the first stored state is the initial latent
+        assert torch.equal(start[0], start[1]) and torch.equal(start[0], start[2])
+        assert not torch.equal(start[0], start[3])
+    assert not torch.equal(r.images[0], r.images[1])  # the stochastic steps make the group differ
+    # with the noise off, a group's images are identical, and equal the independent draw of the
+    # prompts' first images: image p*G draws the prompt's latent from the same generator state
+    d = _sample(ode, family, seed=seed, G=3, T=3, same_initial_noise=True)
+    torch.testing.assert_close(d.images[0], d.images[2], rtol=0, atol=0)
+    one = _sample(ode, family, seed=seed, G=1, T=3)
+    torch.testing.assert_close(d.images[::3], one.images, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="either latents or same_initial_noise"):
+        _sample(noisy, family, G=3, T=3, same_initial_noise=True, latents=r.latents[:, 0])
+
+
 def test_rollout_index_split_cat_to(pipes):
     pipe = pipes("sdxl")
     sampler = _sampler(pipe, "sdxl")

@@ -1,6 +1,7 @@
 """Trainer building blocks: configs (YAML + overrides, type checks), atomic checkpoints, metrics log."""
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -53,10 +54,41 @@ def test_bad_configs_name_the_key(tmp_path):
         apply_overrides(GRPOConfig(), ["--epochs"])
     with pytest.raises(KeyError, match="noise_level"):
         apply_overrides(DDPOConfig(), ["noise_level=0.5"])  # a GRPO-only key
+    with pytest.raises(ValueError, match="lr_scheduler must be constant, linear or cosine, got 'step'"):
+        apply_overrides(GRPOConfig(), ["lr_scheduler=step"])
+    with pytest.raises(ValueError, match="lr_warmup_steps must be >= 0"):
+        apply_overrides(DDPOConfig(), ["lr_warmup_steps=-1"])
+    with pytest.raises(ValueError, match="inner_epochs must be >= 1"):
+        apply_overrides(DDPOConfig(), ["inner_epochs=0"])
+    with pytest.raises(ValueError, match="log_with entries must be tensorboard or wandb"):
+        apply_overrides(GRPOConfig(), ["log_with=[tensorboard, mlflow]"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("- a\n- b\n")
     with pytest.raises(ValueError, match="mapping"):
         load_config(GRPOConfig, bad)
+
+
+def test_lr_factor_warmup_then_decay_to_zero():
+    from diffrl.trainers.base import lr_factor
+
+    warmup = int(torch.randint(0, 6, ()))
+    decay = 2 * int(torch.randint(1, 20, ()))  # even: the decay's midpoint is a step
+    total = warmup + decay
+    for schedule in ("constant", "linear", "cosine"):
+        f = lr_factor(schedule, warmup, total)
+        assert [f(s) for s in range(warmup)] == pytest.approx([(k + 1) / warmup for k in range(warmup)])
+        after = [f(s) for s in range(warmup, total + 3)]  # past the end (a resumed run with fewer epochs): stays
+        if schedule == "constant":
+            assert after == [1.0] * len(after)
+            continue
+        assert after[0] == 1.0 and after[decay // 2] == pytest.approx(0.5) and after[decay - 1] > 0
+        assert after[decay:] == [0.0] * 3 and all(a >= b for a, b in zip(after, after[1:]))
+        if schedule == "linear":
+            assert after[:decay] == pytest.approx([1 - k / decay for k in range(decay)])
+        else:
+            assert after[:decay] == pytest.approx([(1 + math.cos(math.pi * k / decay)) / 2 for k in range(decay)])
+    with pytest.raises(ValueError, match="lr_scheduler must be constant, linear or cosine"):
+        lr_factor("exponential", warmup, total)
 
 
 # ---- checkpoints ----

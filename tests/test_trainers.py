@@ -6,12 +6,14 @@ Kept small on purpose (2 prompts x group 2, 2 steps, 32 px): the point is the lo
 
 import dataclasses
 import json
+import math
 import os
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -57,7 +59,7 @@ def test_one_epoch_changes_lora_and_nothing_else(tmp_path, preset, trainer_cls, 
     assert changed, "one epoch changed nothing"
     assert changed <= lora, f"frozen weights changed: {sorted(changed - lora)[:5]}"
     assert rec["epoch"] == 1 and rec["optimizer_steps"] >= 1 and not rec["nonfinite"]
-    for key in ("reward_mean", "reward_std", "loss", "clip_fraction", "approx_kl", "kl", "adv_mean", "adv_std",
+    for key in ("lr", "reward_mean", "reward_std", "loss", "clip_fraction", "approx_kl", "kl", "adv_mean", "adv_std",
                 "time_sample", "time_train", "peak_memory_mb", "reward/jpeg_kb"):
         assert key in rec, key
 
@@ -100,7 +102,7 @@ def test_killed_subprocess_resumes_exactly(tmp_path, uninterrupted):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     first = tmp_path / "checkpoints" / "epoch-000001" / "state.json"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # generous: a loaded 2-core machine is slow to reach epoch 1
     while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.kill()
@@ -156,6 +158,14 @@ def test_bad_configs_are_clear_errors(tmp_path, capsys):
         GRPOTrainer(GRPOConfig(prompts=["a"], output_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="no training prompts"):
         GRPOTrainer(GRPOConfig(pretrained="tiny:sd3", output_dir=str(tmp_path)))
+    # a config built directly (not through load_config) is checked by the trainer too
+    with pytest.raises(ValueError, match="lr_scheduler must be"):
+        GRPOTrainer(GRPOConfig(prompts=["a"], pretrained="tiny:sd3", lr_scheduler="cosin", output_dir=str(tmp_path)))
+    # ranks with different numbers of optimizer steps would hang in DDP's all-reduce
+    two_ranks = SimpleNamespace(device=torch.device("cpu"), process_index=0, num_processes=2)
+    with pytest.raises(ValueError, match=r"different numbers of optimizer steps per epoch \[1, 2\]"):
+        GRPOTrainer(GRPOConfig(prompts=["a"], pretrained="tiny:sd3", prompts_per_epoch=3, group_size=2,
+                               train_batch_size=2, output_dir=str(tmp_path)), accelerator=two_ranks)
 
 
 class _NaNReward:
@@ -263,3 +273,212 @@ def test_bf16_mixed_precision_keeps_trained_weights_float32(tmp_path):
     (rec,) = tr.train(1)
     assert not rec["nonfinite"] and rec["optimizer_steps"] >= 1
     assert any(not torch.equal(before[k], v) for k, v in tr.trained_weights().items())
+
+
+# ---- LR schedule, trackers, DDPO options ----
+
+def _record_steps(tr) -> list[dict]:
+    """Wraps ``tr.optimizer.step``: each applied step appends the lr it runs with and the (clipped)
+    gradients it is given."""
+    steps, step = [], tr.optimizer.step
+
+    def recording(*args, **kwargs):
+        steps.append({"lr": tr.optimizer.param_groups[0]["lr"],
+                      "grads": {n: p.grad.detach().clone() for n, p in tr.trainable.items()}})
+        return step(*args, **kwargs)
+
+    tr.optimizer.step = recording
+    return steps
+
+
+def _randint(lo: int, hi: int) -> int:
+    """An int in [lo, hi], from the test's seeded global RNG."""
+    return int(torch.randint(lo, hi + 1, ()).item())
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_lr_schedule_steps_once_per_optimizer_step(tmp_path, schedule):
+    from diffrl.trainers.base import lr_factor
+
+    ppe, gs, tbs = _randint(1, 3), _randint(2, 3), _randint(1, 3)
+    gas, inner, warmup = _randint(1, 2), _randint(1, 2), _randint(0, 3)
+    cfg = _config("tiny-sd3-jpeg", tmp_path, epochs=2, num_inference_steps=1, save_every=0, prompts_per_epoch=ppe,
+                  group_size=gs, train_batch_size=tbs, gradient_accumulation_steps=gas, inner_epochs=inner,
+                  lr_scheduler=schedule, lr_warmup_steps=warmup, lr=float(torch.empty(()).uniform_(1e-4, 1e-3)))
+    tr = GRPOTrainer(cfg, progress=False)
+    per_epoch = tr._optimizer_steps_per_epoch(0)
+    assert per_epoch == inner * math.ceil(math.ceil(ppe * gs / tbs) / gas)
+    steps = _record_steps(tr)
+    recs = tr.train()
+    assert [r["optimizer_steps"] for r in recs] == [per_epoch, per_epoch]
+    assert tr.total_optimizer_steps == 2 * per_epoch == tr.global_step == len(steps)
+    f = lr_factor(schedule, warmup, 2 * per_epoch)
+    expected = [cfg.lr * f(s) for s in range(2 * per_epoch)]
+    assert [s["lr"] for s in steps] == pytest.approx(expected, rel=1e-12)
+    assert [r["lr"] for r in recs] == pytest.approx([expected[0], expected[per_epoch]], rel=1e-12)
+    if warmup:
+        assert steps[0]["lr"] == pytest.approx(cfg.lr / warmup)
+    if schedule == "constant":
+        assert tr.lr_scheduler.get_last_lr()[0] == pytest.approx(cfg.lr)
+    else:  # decayed to 0 after the run's last step, which still had a positive lr
+        assert tr.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-15) and steps[-1]["lr"] > 0
+
+
+def test_resume_with_lr_schedule_equals_uninterrupted(tmp_path):
+    over = dict(epochs=3, num_inference_steps=1, lr_scheduler="cosine", lr_warmup_steps=_randint(1, 3),
+                seed=_randint(0, 10**6))
+    straight = GRPOTrainer(_config("tiny-sd3-jpeg", tmp_path / "a", **over), progress=False)
+    straight.train()
+    first = GRPOTrainer(_config("tiny-sd3-jpeg", tmp_path / "b", **over), progress=False)
+    first.train(1)  # interrupted after epoch 1 (the config's horizon stays 3 epochs)
+    resumed = GRPOTrainer(_config("tiny-sd3-jpeg", tmp_path / "b", **over), resume=True, progress=False)
+    assert resumed.resumed_from == 1
+    assert resumed.lr_scheduler.state_dict() == first.lr_scheduler.state_dict()
+    assert resumed.lr_scheduler.last_epoch == resumed.global_step == first.global_step > 0
+    resumed.train()
+    _assert_same_weights(resumed.trained_weights(), straight.trained_weights())
+    assert resumed.lr_scheduler.state_dict() == straight.lr_scheduler.state_dict()
+    assert [r["lr"] for r in resumed.history] == [r["lr"] for r in straight.history[1:]]
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history[1:]]
+
+
+def test_lr_scheduler_state_is_required_on_resume(tmp_path):
+    """A checkpoint without the scheduler's state resumes only a run without a schedule."""
+    GRPOTrainer(_config("tiny-sd3-jpeg", tmp_path, epochs=1, num_inference_steps=1), progress=False).train()
+    ck = latest_checkpoint(tmp_path / "checkpoints")
+    (ck / "lr_scheduler.pt").unlink()
+    meta = json.loads((ck / "state.json").read_text())
+    meta["states"].remove("lr_scheduler")
+    (ck / "state.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="no LR scheduler state"):
+        GRPOTrainer(_config("tiny-sd3-jpeg", tmp_path, epochs=2, lr_scheduler="linear"), resume=True, progress=False)
+    assert GRPOTrainer(_config("tiny-sd3-jpeg", tmp_path, epochs=2), resume=True, progress=False).resumed_from == 1
+
+
+def test_tensorboard_tracker_writes_the_metrics(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rc = main(["train", "--preset", "tiny-sd-ddpo-jpeg", "--epochs", "2", "--output-dir", str(tmp_path),
+               "--no-progress", "--num_inference_steps", "1", "--save_every", "0", "--log_with", "[tensorboard]",
+               "--seed", str(_randint(0, 10**6))])
+    assert rc == 0
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    files = sorted(tmp_path.rglob("events.out.tfevents.*"))
+    assert files, "no TensorBoard event file under the output dir"
+    scalars = {}
+    for f in files:
+        acc = EventAccumulator(str(f))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
+    assert [s for s, _ in scalars["reward_mean"]] == [1, 2]
+    assert [v for _, v in scalars["reward_mean"]] == pytest.approx([r["reward_mean"] for r in recs], rel=1e-6)
+    assert {"loss", "lr", "optimizer_steps"} <= scalars.keys()
+
+
+def test_missing_wandb_warns_and_the_run_goes_on(tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",  # as if wandb were not installed
+                        lambda name, *a, **k: None if name == "wandb" else find_spec(name, *a, **k))
+    cfg = _config("tiny-sd-ddpo-jpeg", tmp_path, epochs=1, num_inference_steps=1, save_every=0, log_with=["wandb"])
+    with pytest.warns(UserWarning, match="wandb is not installed"):
+        tr = DDPOTrainer(cfg, progress=False)
+    assert not tr.accelerator.trackers
+    (rec,) = tr.train()
+    assert rec["optimizer_steps"] >= 1
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
+    with pytest.raises(ValueError, match="log_with entries must be tensorboard or wandb"):
+        _config("tiny-sd-ddpo-jpeg", tmp_path, log_with=["mlflow"])
+
+
+def test_ddpo_resume_restores_the_tracker_exactly(tmp_path, monkeypatch):
+    """DDPO interrupted after epoch 2 and resumed: the per-prompt tracker's histories come back from
+    the checkpoint, so epoch 3 normalises (and trains) as in the uninterrupted run."""
+    _, values = get_preset("tiny-sd-ddpo-jpeg")
+    # one prompt: every epoch adds to its history, so epoch 3's advantages depend on epochs 1-2
+    over = dict(epochs=3, num_inference_steps=1, prompts=[values["prompts"][_randint(0, 3)]], tracker_min_count=2,
+                tracker_buffer_size=16, seed=_randint(0, 10**6), lr_scheduler="linear")
+    straight = DDPOTrainer(_config("tiny-sd-ddpo-jpeg", tmp_path / "a", **over), progress=False)
+    straight.train()
+    DDPOTrainer(_config("tiny-sd-ddpo-jpeg", tmp_path / "b", **over), progress=False).train(2)
+    resumed = DDPOTrainer(_config("tiny-sd-ddpo-jpeg", tmp_path / "b", **over), resume=True, progress=False)
+    assert resumed.resumed_from == 2 and len(next(iter(resumed.tracker.state_dict()["history"].values()))) == 8
+    (rec,) = resumed.train()
+    _assert_same_weights(resumed.trained_weights(), straight.trained_weights())
+    assert resumed.tracker.state_dict() == straight.tracker.state_dict()
+    assert torch.equal(resumed.last_batch["advantages"], straight.last_batch["advantages"])
+    assert rec["loss"] == straight.history[2]["loss"]
+    # the control: resumed without the tracker's histories, epoch 3 normalises differently
+    monkeypatch.setattr(DDPOTrainer, "load_extra_state", lambda self, states: None)
+    (tmp_path / "b" / "checkpoints" / "epoch-000003").rename(tmp_path / "b" / "epoch-000003")
+    blank = DDPOTrainer(_config("tiny-sd-ddpo-jpeg", tmp_path / "b", **over), resume=True, progress=False)
+    assert blank.resumed_from == 2
+    blank.train()
+    assert not torch.equal(blank.last_batch["advantages"], straight.last_batch["advantages"])
+
+
+def test_ddpo_prompts_file(tmp_path):
+    words = ["red", "blue", "green", "tiny", "big", "round", "square", "striped"]
+    prompts = [" ".join(words[i] for i in torch.randint(len(words), (3,)).tolist()) + f" {k}" for k in range(5)]
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n\n".join(f"  {p}\t" for p in prompts) + "\n   \n")  # blank and whitespace lines between
+    cfg = _config("tiny-sd-ddpo-jpeg", tmp_path, prompts=[], prompts_file=str(path), num_inference_steps=1,
+                  save_every=0, prompts_per_epoch=3)
+    tr = DDPOTrainer(cfg, progress=False)
+    assert tr.prompts == prompts
+    (rec,) = tr.train(1)
+    assert rec["optimizer_steps"] >= 1 and set(tr.last_batch["prompts"]) <= set(prompts)
+    both = DDPOTrainer(dataclasses.replace(cfg, prompts=["a cat"]), progress=False)
+    assert both.prompts == ["a cat", *prompts]  # prompts, then the file's
+    with pytest.raises(FileNotFoundError, match="prompts_file"):
+        DDPOTrainer(dataclasses.replace(cfg, prompts_file=str(tmp_path / "missing.txt")), progress=False)
+
+
+def test_ddpo_inner_epochs_repeat_the_ppo_pass(tmp_path):
+    over = dict(epochs=1, num_inference_steps=1, save_every=0, seed=_randint(0, 10**6), prompts_per_epoch=2)
+    runs = {}
+    for inner in (1, 2):
+        tr = DDPOTrainer(_config("tiny-sd-ddpo-jpeg", tmp_path / str(inner), inner_epochs=inner, **over),
+                         progress=False)
+        steps = _record_steps(tr)
+        (rec,) = tr.train()
+        runs[inner] = (tr, rec, steps)
+    (one, rec1, steps1), (two, rec2, steps2) = runs[1], runs[2]
+    assert rec1["reward_mean"] == rec2["reward_mean"]  # the same samples
+    assert rec2["optimizer_steps"] == 2 * rec1["optimizer_steps"] == 2 * one._optimizer_steps_per_epoch(0)
+    assert len(steps2) == 2 * len(steps1)
+    # the first PPO pass is the inner_epochs=1 run, step for step; the second one trains on
+    for a, b in zip(steps1, steps2):
+        _assert_same_weights(a["grads"], b["grads"])
+    w1, w2 = one.trained_weights(), two.trained_weights()
+    assert any(not torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_ddpo_gradient_accumulation_is_the_mean_over_minibatches(tmp_path):
+    """gradient_accumulation_steps=2 takes half the optimizer steps (rounded up), and each step's
+    gradient is the mean of its minibatches' gradients: equal to the gradient of one minibatch of
+    twice the train_batch_size, also for a shorter last group. lr=0 keeps the weights (so the PPO
+    ratio is 1 and the clip cannot bind) and makes every step's gradient comparable; the clip of the
+    gradient norm is off, since it applies per optimizer step."""
+    over = dict(epochs=1, num_inference_steps=1, save_every=0, seed=_randint(0, 10**6), lr=0.0, max_grad_norm=1e9,
+                prompts_per_epoch=3, group_size=2)  # 6 samples: minibatches of 2 -> 3, of 4 -> 2
+    runs = {}
+    for tbs, gas in ((2, 1), (2, 2), (4, 1)):
+        tr = DDPOTrainer(_config("tiny-sd-ddpo-jpeg", tmp_path / f"{tbs}-{gas}", train_batch_size=tbs,
+                                 gradient_accumulation_steps=gas, **over), progress=False)
+        steps = _record_steps(tr)
+        (rec,) = tr.train()
+        assert rec["clip_fraction"] == 0 and rec["optimizer_steps"] == len(steps) == tr._optimizer_steps_per_epoch(0)
+        runs[tbs, gas] = [s["grads"] for s in steps]
+    single, accumulated, doubled = runs[2, 1], runs[2, 2], runs[4, 1]
+    assert (len(single), len(accumulated), len(doubled)) == (3, 2, 2)
+    expected = [{k: (single[0][k] + single[1][k]) / 2 for k in single[0]}, single[2]]
+    for got, want, big in zip(accumulated, expected, doubled):
+        for k in got:
+            scale = want[k].abs().max().item() + 1e-12
+            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6 * scale)
+            torch.testing.assert_close(got[k], big[k], rtol=1e-5, atol=1e-5 * scale)
+    assert any(single[0][k].abs().max() > 0 for k in single[0])  # there was something to compare

@@ -161,7 +161,7 @@ class BaseSampler:
                guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
                negative_prompt=None, generator=None, *, latents: torch.Tensor | None = None,
                group_ids=None, sde_steps="default", decode: bool = True, progress: bool | None = None,
-               **options) -> Rollout:
+               same_initial_noise: bool = False, **options) -> Rollout:
         """Sample ``num_images_per_prompt`` images for each prompt and record the stochastic steps.
 
         Arguments mean what they mean for the pipeline's ``__call__`` (and default to its defaults):
@@ -176,6 +176,10 @@ class BaseSampler:
         pipeline. ``group_ids`` defaults to the prompt's position in ``prompts`` (so a prompt given
         twice makes two groups); pass one id per prompt to choose them. ``sde_steps`` overrides the
         sampler's for this call; ``decode=False`` skips the VAE (``rollout.images`` is None).
+        ``same_initial_noise=True`` starts the G images of a prompt from one initial latent (as
+        DanceGRPO): the group then differs only by the stochastic steps' noise, so the group mean is a
+        baseline for the same start and reward differences are credited to the steps that made them
+        (with a list of generators, image ``p * G``'s draws the prompt's latent).
         """
         pipe, ad = self.pipe, self.adapter
         # ---- arguments
@@ -236,10 +240,16 @@ class BaseSampler:
 
         # ---- initial latents and the schedule
         if latents is not None:
+            if same_initial_noise:
+                raise ValueError("pass either latents or same_initial_noise=True, not both")
             if not isinstance(latents, torch.Tensor) or latents.shape[0] != B:
                 raise ValueError(f"latents must be a tensor with {B} samples (prompts x num_images_per_prompt)")
             latents = latents.to(device=device, dtype=model_dtype(self.model))
-        lat = ad.prepare_latents(B, height, width, generator, latents, shared)
+        if same_initial_noise:
+            gen0 = generator[::G] if isinstance(generator, list) else generator
+            lat = ad.prepare_latents(P, height, width, gen0, None, shared).repeat_interleave(G, dim=0)
+        else:
+            lat = ad.prepare_latents(B, height, width, generator, latents, shared)
         scheduler = self._make_scheduler()
         timesteps = ad.set_timesteps(scheduler, T, lat, options)
         if len(timesteps) != T:
@@ -297,7 +307,7 @@ class BaseSampler:
 
         images = ad.decode(x, height, width) if decode else None
         info = {"family": ad.family, "kind": self.kind, "num_inference_steps": T, "height": height, "width": width,
-                "reduce": self.reduce, "num_images_per_prompt": G, "guidance_scale_arg": float(guidance_scale),
+                "reduce": self.reduce, "num_images_per_prompt": G, "same_initial_noise": bool(same_initial_noise), "guidance_scale_arg": float(guidance_scale),
                 "sde_steps": steps_spec, **self._info()}
         return Rollout(
             images=images,

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from diffrl.trainers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from diffrl.trainers.config import TrainConfig, config_to_dict
+from diffrl.trainers.config import TrainConfig, _check, config_to_dict
 from diffrl.trainers.metrics import MetricsLog
 
 __all__ = ["BaseTrainer", "NonFiniteError", "load_pipeline", "DEFAULT_LORA_TARGETS"]
@@ -96,6 +96,26 @@ def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
+def lr_factor(schedule: str, warmup: int, total: int):
+    """The multiplier of ``lr`` for the optimizer step after ``s`` steps, as ``LambdaLR`` wants it.
+
+    Warm-up: steps 1..``warmup`` use lr * k / warmup (the first step already moves the weights).
+    Then ``linear`` / ``cosine`` fall from 1 to 0 over the remaining ``total - warmup`` steps: the
+    last of them still has a small positive lr, and the lr after the run is 0."""
+    if schedule not in ("constant", "linear", "cosine"):
+        raise ValueError(f"config: lr_scheduler must be constant, linear or cosine, got {schedule!r}")
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (s - warmup) / max(1, total - warmup))
+        return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
 class BaseTrainer:
     """Subclasses set ``config_class`` and implement ``make_sampler`` and ``compute_advantages``.
 
@@ -112,6 +132,7 @@ class BaseTrainer:
                  resume: bool = False, progress: bool = True):
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        _check(config)  # a config built directly, not through load_config, is validated here
         self.config = cfg = config
         self.progress = progress
         if accelerator is None:
@@ -135,6 +156,11 @@ class BaseTrainer:
         self.accelerator = acc = accelerator
         self.device = acc.device
         self.rank, self.world = acc.process_index, acc.num_processes
+        steps = {self._optimizer_steps_per_epoch(r) for r in range(self.world)}
+        if len(steps) > 1:  # DDP: every rank must join every gradient all-reduce, or the run hangs
+            raise ValueError(f"prompts_per_epoch={cfg.prompts_per_epoch} over {self.world} processes gives the ranks "
+                             f"different numbers of optimizer steps per epoch {sorted(steps)}; use a multiple of "
+                             f"{self.world}")
         self.output_dir = Path(cfg.output_dir)
         self.ckpt_dir = self.output_dir / "checkpoints"
 
@@ -186,6 +212,12 @@ class BaseTrainer:
                                            weight_decay=cfg.adam_weight_decay, eps=cfg.adam_eps)
         self.model, self.optimizer = acc.prepare(raw, self.optimizer)
         self.raw_model = raw
+        # stepped after each applied optimizer step (so its step count is global_step); the decay's
+        # horizon is config.epochs: a run resumed with more epochs stretches the rest of the decay
+        self.total_optimizer_steps = cfg.epochs * self._optimizer_steps_per_epoch(self.rank)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            getattr(self.optimizer, "optimizer", self.optimizer),  # the torch optimizer inside accelerate's wrapper
+            lr_factor(cfg.lr_scheduler, cfg.lr_warmup_steps, self.total_optimizer_steps))
         if self.model is not raw and isinstance(self.reference, str):
             # wrapped (DDP): the sampler cannot switch the wrapper's adapters off; a module that runs
             # the raw model with its adapters off is the same reference policy
@@ -240,6 +272,15 @@ class BaseTrainer:
             raise ValueError("config: no training prompts (set prompts or prompts_file)")
         return prompts
 
+    def _optimizer_steps_per_epoch(self, rank: int) -> int:
+        """Optimizer steps of one epoch on ``rank`` (when no update is skipped), as train_epoch takes them:
+        per PPO epoch, the rank's samples in minibatches of train_batch_size, every
+        gradient_accumulation_steps of them (and the last, shorter group) one step."""
+        cfg = self.config
+        samples = len(range(rank, cfg.prompts_per_epoch, self.world)) * cfg.group_size
+        minibatches = math.ceil(samples / cfg.train_batch_size)
+        return cfg.inner_epochs * math.ceil(minibatches / cfg.gradient_accumulation_steps)
+
     def _build_reward(self):
         from diffrl.trainers.rewards_factory import build_rewards  # noqa: PLC0415
 
@@ -281,7 +322,8 @@ class BaseTrainer:
                 parts.append(self.sampler.sample(
                     prompts[i:i + per_call], num_images_per_prompt=cfg.group_size,
                     num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                    height=cfg.resolution, width=cfg.resolution, generator=gen, group_ids=gids[i:i + per_call]))
+                    height=cfg.resolution, width=cfg.resolution, generator=gen, group_ids=gids[i:i + per_call],
+                    same_initial_noise=cfg.same_initial_noise))
         return Rollout.cat(parts)
 
     def score_rewards(self, rollout) -> dict[str, torch.Tensor]:
@@ -318,6 +360,9 @@ class BaseTrainer:
             for b, idx in enumerate(batches):
                 sub = rollout[idx]
                 last_micro = (micro + 1 == cfg.gradient_accumulation_steps) or b == len(batches) - 1
+                # minibatches of this optimizer step: the step's gradient is their mean, also for a
+                # last group shorter than gradient_accumulation_steps (not down-weighted)
+                group = min(cfg.gradient_accumulation_steps, len(batches) - (b - micro))
                 for j in range(n_steps):
                     steps = step_order[idx, j]
                     sync = last_micro and j == n_steps - 1
@@ -329,7 +374,7 @@ class BaseTrainer:
                                                 kl=None if out.kl is None else out.kl.float(), kl_coef=cfg.kl_coef)
                     # backward even when non-finite: under DDP every rank must join the gradient
                     # all-reduce; the update is skipped below on every rank alike
-                    self.accelerator.backward(loss / (n_steps * cfg.gradient_accumulation_steps))
+                    self.accelerator.backward(loss / (n_steps * group))
                     if not _finite(loss):
                         bad_pending = True
                         continue
@@ -348,6 +393,7 @@ class BaseTrainer:
                         nonfinite += 1
                     else:
                         self.optimizer.step()
+                        self.lr_scheduler.step()  # not on a skipped update: the schedule counts applied steps
                         self.global_step += 1
                         self._update_ema()
                         sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
@@ -383,7 +429,8 @@ class BaseTrainer:
         rewards = heads["reward"].to(self.device)
         t2 = time.perf_counter()
         all_rewards, _, _, _ = gather_rewards(rewards, rollout.group_ids.to(self.device))
-        rec: dict[str, Any] = {"epoch": epoch, "reward_mean": float(all_rewards.mean()),
+        rec: dict[str, Any] = {"epoch": epoch, "lr": self.lr_scheduler.get_last_lr()[0],  # of its first step
+                               "reward_mean": float(all_rewards.mean()),
                                "reward_std": float(all_rewards.std(unbiased=False)) if all_rewards.numel() else 0.0}
         for k, v in heads.items():  # every head's mean over all ranks (one gather per head)
             if k != "reward" and isinstance(v, torch.Tensor):
@@ -480,7 +527,8 @@ class BaseTrainer:
         self.accelerator.wait_for_everyone()
         path = None
         if self.accelerator.is_main_process:
-            states = {"optimizer": self.optimizer.state_dict(), **self.extra_state()}
+            states = {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+                      **self.extra_state()}
             if self.ema is not None:
                 states["ema"] = self.ema
             meta = {"global_step": self.global_step, "nonfinite_streak": self.nonfinite_streak, "trainer": self.kind,
@@ -506,6 +554,12 @@ class BaseTrainer:
             for n, t in target.items():
                 t.copy_(ck["weights"][n].to(t.device, t.dtype))
         self.optimizer.load_state_dict(ck["states"]["optimizer"])
+        if "lr_scheduler" in ck["states"]:
+            self.lr_scheduler.load_state_dict(ck["states"]["lr_scheduler"])
+        elif self.config.lr_scheduler != "constant" or self.config.lr_warmup_steps:
+            raise ValueError(f"{path}: checkpoint has no LR scheduler state (written before schedules were "
+                             f"saved), config has lr_scheduler={self.config.lr_scheduler!r}; resume it with "
+                             "lr_scheduler=constant and lr_warmup_steps=0")
         self.load_extra_state(ck["states"])
         if self.ema is not None:
             if "ema" not in ck["states"]:

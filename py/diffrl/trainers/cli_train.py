@@ -79,4 +79,7 @@ def cmd_train(args, overrides=()) -> int:
     except NonFiniteError as e:
         print(f"diffrl train: {e}", file=sys.stderr)
         return 3
+    finally:
+        if trainer.accelerator.trackers:  # close the TensorBoard writer / finish the W&B run
+            trainer.accelerator.end_training()
     return 0

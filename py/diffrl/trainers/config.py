@@ -37,16 +37,19 @@ class TrainConfig:
     prompts_per_epoch: int = 8
     group_size: int = 4
     sample_batch_size: int = 8           # images per sampler call
+    same_initial_noise: bool = False     # a group's images start from one initial latent (DanceGRPO)
     # PPO
     inner_epochs: int = 1
     train_batch_size: int = 4            # samples per optimiser minibatch
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = 1  # minibatches per optimiser step (their mean gradient)
     timestep_fraction: float = 1.0       # fraction of the recorded steps trained on, per sample
     clip_range: float = 1e-4
     kl_coef: float = 0.0                 # KL to the reference policy (adapters disabled)
     adv_clip: float = 5.0
     adv_std: str = "group"               # group | global | none
     lr: float = 3e-4
+    lr_scheduler: str = "constant"       # constant | linear | cosine (to 0 over the optimiser steps of `epochs`)
+    lr_warmup_steps: int = 0             # optimiser steps of linear warm-up to lr
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_weight_decay: float = 1e-4
     adam_eps: float = 1e-8
@@ -230,6 +233,10 @@ def _check(cfg) -> None:
     need(0 < cfg.timestep_fraction <= 1, f"timestep_fraction must be in (0, 1], got {cfg.timestep_fraction}")
     need(cfg.train_batch_size >= 1 and cfg.sample_batch_size >= 1, "batch sizes must be >= 1")
     need(cfg.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1")
+    need(cfg.inner_epochs >= 1, f"inner_epochs must be >= 1, got {cfg.inner_epochs}")
+    need(cfg.lr_scheduler in ("constant", "linear", "cosine"),
+         f"lr_scheduler must be constant, linear or cosine, got {cfg.lr_scheduler!r}")
+    need(cfg.lr_warmup_steps >= 0, f"lr_warmup_steps must be >= 0, got {cfg.lr_warmup_steps}")
     need(cfg.clip_range > 0, "clip_range must be > 0")
     need(cfg.kl_coef >= 0, "kl_coef must be >= 0")
     need(cfg.adv_std in ("group", "global", "none"), f"adv_std must be group, global or none, got {cfg.adv_std!r}")
@@ -239,6 +246,8 @@ def _check(cfg) -> None:
     need(cfg.max_nonfinite >= 1, "max_nonfinite must be >= 1")
     need(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), f"unknown device {cfg.device!r}")
     need(len(cfg.reward) >= 1, "reward must name at least one reward")
+    need(all(n in ("tensorboard", "wandb") for n in cfg.log_with),
+         f"log_with entries must be tensorboard or wandb, got {list(cfg.log_with)}")
     if isinstance(cfg, GRPOConfig):
         need(cfg.sde_type in ("sde", "cps"), f"sde_type must be sde or cps, got {cfg.sde_type!r}")
         need(cfg.noise_level >= 0, "noise_level must be >= 0")
