@@ -9,11 +9,14 @@ evaluation: fixed prompts never trained on, fixed noise seeds, 20 Euler steps, C
 the start and after the first epoch that ends past each ``--eval-every-s`` seconds of training (the
 evaluations' own time is not counted). Variants (all else as the ``shapes-grpo`` preset):
 
-grpo              the preset (group-normalised advantages with the group's std)
-grpo-global-std   advantages divided by the whole batch's std (Flow-GRPO's ``global_std``)
-grpo-kl           KL penalty to the frozen base model, ``kl_coef=0.04`` (Flow-GRPO's beta)
-grpo-all-steps    every one of the 10 steps stochastic and trained (the preset uses an SDE window)
-grpo-tracker      DDPO's per-prompt stat tracker for the advantages (history of 16 rewards per prompt)
+grpo                    the preset (group-normalised advantages with the group's std)
+grpo-global-std         advantages divided by the whole batch's std (Flow-GRPO's ``global_std``)
+grpo-kl                 KL penalty to the frozen base model, ``kl_coef=0.04`` (Flow-GRPO's beta)
+grpo-all-steps          every one of the 10 steps stochastic, half of them trained per sample (the
+                        preset: only step 0)
+grpo-independent-noise  each image of a group from its own initial latent (the preset: one per group)
+grpo-no-ema             the trained weights evaluated as they are (the preset: their EMA)
+grpo-tracker            DDPO's per-prompt stat tracker for the advantages (history of 16 rewards per prompt)
 
 Writes ``bench/results/<device>/shapes_grpo.{md,csv}`` (one row per evaluation) and
 ``shapes_grpo.png`` (accuracy against training wall time, one line per variant).
@@ -37,6 +40,8 @@ VARIANTS = {
     "grpo-global-std": {"adv_std": "global"},
     "grpo-kl": {"kl_coef": 0.04},
     "grpo-all-steps": {"sde_window": [], "timestep_fraction": 0.5},
+    "grpo-independent-noise": {"same_initial_noise": False},
+    "grpo-no-ema": {"ema_decay": 0.0},
     "grpo-tracker": {"_tracker": True},
 }
 
@@ -78,7 +83,11 @@ def run_variant(name: str, minutes: float, eval_every_s: float, eval_prompts: in
         reward, prompts = ShapesReward(), heldout_prompts(eval_prompts)
 
         def record(train_s, epoch):
-            res, _ = evaluate(trainer.pipe, prompts, reward)
+            if trainer.ema is not None:  # the preset's result is the EMA of the trained weights
+                with trainer.ema_weights():
+                    res, _ = evaluate(trainer.pipe, prompts, reward)
+            else:
+                res, _ = evaluate(trainer.pipe, prompts, reward)
             rows.append({"variant": name, "epoch": epoch, "train_s": round(train_s, 1), "accuracy": res["accuracy"],
                          "reward": round(res["reward"], 4), "count": round(res["count"], 4),
                          "relation_on_relation_prompts": round(res.get("relation_on_relation_prompts", float("nan")), 4)})
@@ -96,7 +105,6 @@ def run_variant(name: str, minutes: float, eval_every_s: float, eval_prompts: in
             if train_s >= next_eval or train_s >= minutes * 60:
                 record(train_s, epoch)
                 next_eval += eval_every_s
-        del trainer
     return rows
 
 

@@ -60,6 +60,8 @@ def test_demo_writes_its_files(tmp_path):
     assert saved["epochs"] >= 1 and set(saved["before"]) >= {"count", "colour", "shape", "relation", "reward"}
     assert saved["config"]["pretrained"] == "builtin:shapes"
     assert (out / "checkpoints").is_dir()
+    # the preset keeps an EMA of the trained weights: "after" is the EMA's, the trained weights' too
+    assert saved["after_weights"].startswith("EMA") and 0 <= saved["accuracy_after_raw_weights"] <= 1
     with pytest.raises(FileExistsError):  # never overwrite a finished run
         run_demo(out, minutes=0.01, eval_prompts=2, progress=False, overrides=TINY_RUN)
 
@@ -96,7 +98,8 @@ def test_short_grpo_run_raises_reward(tmp_path):
     seeds = list(range(1000, 1024))
     before = _mean_reward(trainer.pipe, prompts, seeds, reward)
     trainer.train()
-    after = _mean_reward(trainer.pipe, prompts, seeds, reward)
+    with trainer.ema_weights():  # the preset's result, as in the demo
+        after = _mean_reward(trainer.pipe, prompts, seeds, reward)
     # per-seed means over the prompts: the noise of a mean over seeds is their std / sqrt(n)
     per_seed = before.mean(0)
     stderr = float(per_seed.std() / len(seeds) ** 0.5)

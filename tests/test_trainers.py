@@ -221,6 +221,14 @@ def test_full_finetuning_with_frozen_reference_and_ema(tmp_path):
     start, now = before[f"transformer.{name}"], after[f"transformer.{name}"]
     steps = rec["optimizer_steps"]
     assert steps >= 1 and not torch.equal(ema[name], now) and not torch.equal(ema[name], start)
+    # ema_weights(): the EMA in place of the trained weights inside the block, the trained ones after
+    with tr.ema_weights():
+        inside = tr.raw_model.state_dict()
+        assert all(torch.equal(inside[n], tr.ema[n]) for n in tr.trainable)
+    assert all(torch.equal(tr.raw_model.state_dict()[f], after[f"transformer.{f}"]) for f in tr.trainable)
+    with pytest.raises(ValueError, match="ema_decay > 0"), GRPOTrainer(
+            _config("tiny-sd3-jpeg", tmp_path / "no-ema", num_inference_steps=1), progress=False).ema_weights():
+        pass
 
 
 _WORKER = r"""

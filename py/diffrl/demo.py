@@ -125,12 +125,23 @@ def run_demo(output_dir: str | Path = "runs/demo", *, minutes: float | None = No
     trainer.save_state()
 
     t0 = time.perf_counter()
-    after, imgs_after = evaluate(trainer.pipe, prompts, reward)
+    after_raw = None
+    if trainer.ema is not None:
+        # the EMA of the trained weights is the result (as the base model ships its EMA): the raw
+        # weights carry the last updates' gradient noise; both are reported
+        after_raw, _ = evaluate(trainer.pipe, prompts, reward)
+        with trainer.ema_weights():
+            after, imgs_after = evaluate(trainer.pipe, prompts, reward)
+    else:
+        after, imgs_after = evaluate(trainer.pipe, prompts, reward)
     t_eval_after = time.perf_counter() - t0
     save_grid(imgs_after[:64], out / "after.png")
 
     table = _table(before, after)
     say("\n" + table + "\n")
+    if after_raw is not None:
+        say(f"(after: the EMA of the trained weights, decay {cfg.ema_decay:g}; the raw trained weights: accuracy "
+            f"{after_raw['accuracy']:.3f}, reward {after_raw['reward']:.3f})")
     gain = after["accuracy"] - before["accuracy"]
     title = (f"GRPO on the shapes model: held-out accuracy {before['accuracy']:.2f} -> {after['accuracy']:.2f}\n"
              f"in {t_train / 60:.1f} min ({len(records)} epochs, {platform.machine()}, {torch.get_num_threads()} threads)")
@@ -138,6 +149,8 @@ def run_demo(output_dir: str | Path = "runs/demo", *, minutes: float | None = No
     summary = {
         "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"], "accuracy_gain": gain,
         "before": before, "after": after, "eval_prompts": eval_prompts,
+        "after_weights": f"EMA of the trained weights (decay {cfg.ema_decay:g})" if after_raw is not None else "trained",
+        "accuracy_after_raw_weights": None if after_raw is None else after_raw["accuracy"], "after_raw_weights": after_raw,
         "eval_sampler": "Euler 20 steps, CFG 4.0, one image per prompt, noise seed = prompt index",
         "epochs": len(records), "images_trained_on": sum(r["samples"] for r in records),
         "wall_s": {"total": time.perf_counter() - t_all, "train": t_train, "eval_before": t_eval_before,

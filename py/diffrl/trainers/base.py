@@ -196,7 +196,8 @@ class BaseTrainer:
             if cfg.kl_coef > 0:  # full fine-tuning: a frozen copy of the initial weights is the reference
                 self.reference = copy.deepcopy(raw).requires_grad_(False).eval()
             raw.requires_grad_(True)
-            raw.to(torch.float32)  # float32 master weights; autocast runs the compute in half precision
+            if any(p.dtype != torch.float32 for p in raw.parameters()):  # (diffusers warns on a no-op .to)
+                raw.to(torch.float32)  # float32 master weights; autocast runs the compute in half precision
         if cfg.gradient_checkpointing and hasattr(raw, "enable_gradient_checkpointing"):
             raw.enable_gradient_checkpointing()
         # eval mode throughout: the log-probs recomputed for the loss must be those of sampling
@@ -415,6 +416,23 @@ class BaseTrainer:
         d = self.config.ema_decay
         for n, p in self.trainable.items():
             self.ema[n].mul_(d).add_(p.detach().float(), alpha=1 - d)
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """The EMA of the trained weights in place of the trained ones for the duration of the block
+        (evaluation, export); the trained weights are put back after it. Needs ``ema_decay > 0``."""
+        if self.ema is None:
+            raise ValueError("ema_weights() needs a run with ema_decay > 0")
+        saved = {n: p.detach().clone() for n, p in self.trainable.items()}
+        try:
+            with torch.no_grad():
+                for n, p in self.trainable.items():
+                    p.copy_(self.ema[n].to(p.dtype))
+            yield self
+        finally:
+            with torch.no_grad():
+                for n, p in self.trainable.items():
+                    p.copy_(saved[n])
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         """Epoch ``epoch`` (1-based): sample, reward, advantages, PPO; returns its metrics record."""
