@@ -82,8 +82,9 @@ def _mean_reward(pipe, prompts, seeds, reward):
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="not met yet (issue 7): with the shapes-grpo preset before its EMA, 16 epochs on these prompts raise the "
-                  "mean reward by only +0.024 (0.527 -> 0.551; 3 standard errors = 0.045), 8 epochs by +0.031")
+@pytest.mark.skip(reason="not met yet (issue 7): with the shapes-grpo preset before its EMA, 16 epochs on these "
+                  "prompts raise the mean reward by only +0.024 (0.527 -> 0.551; 3 standard errors = 0.045), 8 epochs "
+                  "by +0.031")
 def test_short_grpo_run_raises_reward(tmp_path):
     """A few GRPO epochs on four relation prompts (where the base model is weakest) raise their mean
     reward, measured on 24 fresh noise seeds per prompt, by more than 3 standard errors of the
