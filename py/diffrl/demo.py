@@ -149,8 +149,9 @@ def run_demo(output_dir: str | Path = "runs/demo", *, minutes: float | None = No
     summary = {
         "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"], "accuracy_gain": gain,
         "before": before, "after": after, "eval_prompts": eval_prompts,
-        "after_weights": f"EMA of the trained weights (decay {cfg.ema_decay:g})" if after_raw is not None else "trained",
-        "accuracy_after_raw_weights": None if after_raw is None else after_raw["accuracy"], "after_raw_weights": after_raw,
+        "after_weights": "trained" if after_raw is None else f"EMA of the trained weights (decay {cfg.ema_decay:g})",
+        "accuracy_after_raw_weights": None if after_raw is None else after_raw["accuracy"],
+        "after_raw_weights": after_raw,
         "eval_sampler": "Euler 20 steps, CFG 4.0, one image per prompt, noise seed = prompt index",
         "epochs": len(records), "images_trained_on": sum(r["samples"] for r in records),
         "wall_s": {"total": time.perf_counter() - t_all, "train": t_train, "eval_before": t_eval_before,

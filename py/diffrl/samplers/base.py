@@ -307,7 +307,8 @@ class BaseSampler:
 
         images = ad.decode(x, height, width) if decode else None
         info = {"family": ad.family, "kind": self.kind, "num_inference_steps": T, "height": height, "width": width,
-                "reduce": self.reduce, "num_images_per_prompt": G, "same_initial_noise": bool(same_initial_noise), "guidance_scale_arg": float(guidance_scale),
+                "reduce": self.reduce, "num_images_per_prompt": G, "same_initial_noise": bool(same_initial_noise),
+                "guidance_scale_arg": float(guidance_scale),
                 "sde_steps": steps_spec, **self._info()}
         return Rollout(
             images=images,
