@@ -300,6 +300,28 @@ def test_same_initial_noise(pipes, family):
         _sample(noisy, family, G=3, T=3, same_initial_noise=True, latents=r.latents[:, 0])
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keep_final_latents(pipes, family):
+    """The stored final latent is what the pipeline decodes, for ODE and SDE sampling alike."""
+    pipe = pipes(family)
+    seed = int(torch.randint(1 << 30, ()))
+    for noisy, steps in ((False, None), (True, (0, 1))):  # SDE: a window that does not reach the last step
+        sampler = _sampler(pipe, family, noisy=noisy, sde_steps=steps)
+        r = _sample(sampler, family, seed=seed, T=3, keep_final_latents=True)
+        assert r.latent_positions[-1] == 3
+        final = r.final_latents
+        assert final.shape[0] == len(r) and final.dtype == torch.float32
+        decoded = sampler.adapter.decode(final, 32, 32)
+        torch.testing.assert_close(decoded, r.images, rtol=0, atol=0)
+        # the other stored states are unchanged by the option
+        plain = _sample(sampler, family, seed=seed, T=3)
+        assert set(plain.latent_positions) | {3} == set(r.latent_positions) and 3 not in plain.latent_positions
+        torch.testing.assert_close(plain.log_probs, r.log_probs, rtol=0, atol=0)
+        assert len(r[1:3]) == 2 and torch.equal(r[1:3].final_latents, final[1:3])
+    with pytest.raises(ValueError, match="keep_final_latents"):
+        _ = _sample(_sampler(pipe, family, noisy=False), family, T=3).final_latents
+
+
 def test_rollout_index_split_cat_to(pipes):
     pipe = pipes("sdxl")
     sampler = _sampler(pipe, "sdxl")

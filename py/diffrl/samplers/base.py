@@ -161,7 +161,7 @@ class BaseSampler:
                guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
                negative_prompt=None, generator=None, *, latents: torch.Tensor | None = None,
                group_ids=None, sde_steps="default", decode: bool = True, progress: bool | None = None,
-               same_initial_noise: bool = False, **options) -> Rollout:
+               same_initial_noise: bool = False, keep_final_latents: bool = False, **options) -> Rollout:
         """Sample ``num_images_per_prompt`` images for each prompt and record the stochastic steps.
 
         Arguments mean what they mean for the pipeline's ``__call__`` (and default to its defaults):
@@ -180,6 +180,8 @@ class BaseSampler:
         DanceGRPO): the group then differs only by the stochastic steps' noise, so the group mean is a
         baseline for the same start and reward differences are credited to the steps that made them
         (with a list of generators, image ``p * G``'s draws the prompt's latent).
+        ``keep_final_latents=True`` also stores the last latent (``rollout.final_latents``, what the
+        VAE decodes), which forward-process trainers (``NFTTrainer``) train on.
         """
         pipe, ad = self.pipe, self.adapter
         # ---- arguments
@@ -270,7 +272,7 @@ class BaseSampler:
                 co = self._coeffs(scheduler, i, t, False)
             plan.append((False, (float(co.a), float(co.c))))
         recorded = [i for i, (rec, _) in enumerate(plan) if rec]
-        positions = sorted({p for i in recorded for p in (i, i + 1)})
+        positions = sorted({p for i in recorded for p in (i, i + 1)} | ({T} if keep_final_latents else set()))
         slot = {p: k for k, p in enumerate(positions)}
         store = torch.empty((B, len(positions), *x.shape[1:]), dtype=torch.float32, device=device)
         log_probs = torch.empty((B, len(recorded)), dtype=torch.float32, device=device)

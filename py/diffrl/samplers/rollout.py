@@ -150,6 +150,15 @@ class Rollout:
             return self.latents[:, self._slots(True).to(self.latents.device)]
         return self._gather(step, True)
 
+    @property
+    def final_latents(self) -> torch.Tensor:
+        """``[B, ...]`` the last latent of each trajectory (the sampled image before decoding); stored
+        when the last step is recorded or the sampler was called with ``keep_final_latents=True``."""
+        T = self.info.get("num_inference_steps")
+        if T is None or T not in self.latent_positions:
+            raise ValueError("this rollout did not store its final latents: sample with keep_final_latents=True")
+        return self.latents[:, self._slot(T)]
+
     def embeddings(self, uncond: bool = False) -> dict[str, torch.Tensor] | None:
         """The prompt embeddings of each sample, ``{name: [B, ...]}`` (gathered from the tables)."""
         table = self.uncond if uncond else self.cond
