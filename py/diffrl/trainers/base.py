@@ -26,6 +26,8 @@ import torch
 
 from diffrl.trainers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from diffrl.trainers.config import TrainConfig, _check, config_to_dict
+from diffrl.trainers.fsdp import (clip_grad_norm, full_optimizer_state, full_tensor, reshard, shard_like,
+                                  sharded_optimizer_state, uses_fsdp2)
 from diffrl.trainers.metrics import MetricsLog
 
 __all__ = ["BaseTrainer", "NonFiniteError", "load_pipeline", "DEFAULT_LORA_TARGETS"]
@@ -156,6 +158,11 @@ class BaseTrainer:
         self.accelerator = acc = accelerator
         self.device = acc.device
         self.rank, self.world = acc.process_index, acc.num_processes
+        self.fsdp = uses_fsdp2(acc)  # the denoiser's parameters are DTensor shards (see diffrl.trainers.fsdp)
+        if self.fsdp and cfg.prompts_per_epoch % self.world:
+            # every model call is a collective: the ranks must sample the same number of batches
+            raise ValueError(f"under FSDP prompts_per_epoch ({cfg.prompts_per_epoch}) must be a multiple of the "
+                             f"number of processes ({self.world})")
         steps = {self._optimizer_steps_per_epoch(r) for r in range(self.world)}
         if len(steps) > 1:  # DDP: every rank must join every gradient all-reduce, or the run hangs
             raise ValueError(f"prompts_per_epoch={cfg.prompts_per_epoch} over {self.world} processes gives the ranks "
@@ -213,6 +220,13 @@ class BaseTrainer:
                                            weight_decay=cfg.adam_weight_decay, eps=cfg.adam_eps)
         self.model, self.optimizer = acc.prepare(raw, self.optimizer)
         self.raw_model = raw
+        if self.fsdp:
+            # fully_shard replaced the parameters (same names) by DTensor shards, in the optimizer too
+            self.trainable = {n: p for n, p in raw.named_parameters() if p.requires_grad}
+            if isinstance(self.reference, torch.nn.Module):  # the frozen copy is sharded like the model
+                from accelerate.utils import fsdp2_prepare_model  # noqa: PLC0415
+
+                self.reference = fsdp2_prepare_model(acc, self.reference)
         # stepped after each applied optimizer step (so its step count is global_step); the decay's
         # horizon is config.epochs: a run resumed with more epochs stretches the rest of the decay
         self.total_optimizer_steps = cfg.epochs * self._optimizer_steps_per_epoch(self.rank)
@@ -385,7 +399,9 @@ class BaseTrainer:
                     count += 1
                 micro += 1
                 if last_micro:
-                    grad_norm = self.accelerator.clip_grad_norm_(list(self.trainable.values()), cfg.max_grad_norm)
+                    params = list(self.trainable.values())
+                    grad_norm = (clip_grad_norm(self.accelerator, params, cfg.max_grad_norm) if self.fsdp else
+                                 self.accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
                     bad_pending = bad_pending or (grad_norm is not None and not math.isfinite(float(grad_norm)))
                     if self.world > 1:  # skip on every rank or on none, or the replicas drift apart
                         flag = torch.tensor([float(bad_pending)], device=self.device)
@@ -425,14 +441,22 @@ class BaseTrainer:
             raise ValueError("ema_weights() needs a run with ema_decay > 0")
         saved = {n: p.detach().clone() for n, p in self.trainable.items()}
         try:
+            self._reshard()
             with torch.no_grad():
                 for n, p in self.trainable.items():
                     p.copy_(self.ema[n].to(p.dtype))
             yield self
         finally:
+            self._reshard()
             with torch.no_grad():
                 for n, p in self.trainable.items():
                     p.copy_(saved[n])
+
+    def _reshard(self) -> None:
+        """Under FSDP, before the shards of the trained model are written in place: the next forward
+        must gather them again, not reuse the parameters a forward left unsharded."""
+        if self.fsdp:
+            reshard(self.raw_model)
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         """Epoch ``epoch`` (1-based): sample, reward, advantages, PPO; returns its metrics record."""
@@ -536,22 +560,40 @@ class BaseTrainer:
     # ---- state -----------------------------------------------------------------------------------
 
     def trained_weights(self) -> dict[str, torch.Tensor]:
-        """The trained tensors by name (LoRA parameters, or the denoiser's state dict)."""
-        if self.config.use_lora:
-            return {n: p.detach() for n, p in self.trainable.items()}
-        return {n: t.detach() for n, t in self.raw_model.state_dict().items()}
+        """The trained tensors by name (LoRA parameters, or the denoiser's state dict).
+
+        Under FSDP they are gathered from the shards, a collective that every rank must join; the
+        main process gets the full tensors (on the CPU), the other ranks an empty dict."""
+        src = self.trainable if self.config.use_lora else self.raw_model.state_dict()
+        return self._unsharded(src)
+
+    def _unsharded(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not self.fsdp:
+            return {n: t.detach() for n, t in tensors.items()}
+        keep = self.accelerator.is_main_process
+        out = {}
+        for n, t in tensors.items():  # one tensor at a time: never the whole model gathered on a device
+            full = full_tensor(t.detach())
+            if keep:
+                out[n] = full.cpu()
+        return out
 
     def save_state(self) -> Path | None:
         self.accelerator.wait_for_everyone()
         path = None
-        if self.accelerator.is_main_process:
-            states = {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
-                      **self.extra_state()}
-            if self.ema is not None:
-                states["ema"] = self.ema
+        main = self.accelerator.is_main_process
+        if main or self.fsdp:  # under FSDP every rank joins the gathers of the shards
+            weights = self.trained_weights()
+            optimizer = (full_optimizer_state(self.optimizer, keep=main) if self.fsdp
+                         else self.optimizer.state_dict())
+            ema = self._unsharded(self.ema) if self.ema is not None else None
+        if main:
+            states = {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler.state_dict(), **self.extra_state()}
+            if ema is not None:
+                states["ema"] = ema
             meta = {"global_step": self.global_step, "nonfinite_streak": self.nonfinite_streak, "trainer": self.kind,
                     "use_lora": self.config.use_lora, "config": config_to_dict(self.config)}
-            path = save_checkpoint(self.ckpt_dir, self.epoch, weights=self.trained_weights(), states=states,
+            path = save_checkpoint(self.ckpt_dir, self.epoch, weights=weights, states=states,
                                    meta=meta, keep_last=self.config.keep_last)
         self.accelerator.wait_for_everyone()
         return path
@@ -562,6 +604,7 @@ class BaseTrainer:
         if meta.get("use_lora", self.config.use_lora) != self.config.use_lora:
             raise ValueError(f"{path}: checkpoint has use_lora={meta.get('use_lora')}, "
                              f"config has {self.config.use_lora}")
+        self._reshard()
         target = self.trainable if self.config.use_lora else dict(self.raw_model.state_dict())
         missing = set(target) - set(ck["weights"])
         extra = set(ck["weights"]) - set(target)
@@ -569,9 +612,10 @@ class BaseTrainer:
             raise ValueError(f"{path}: checkpoint weights do not match the model (missing {sorted(missing)[:3]}, "
                              f"unexpected {sorted(extra)[:3]}); was it written with another lora_rank / targets?")
         with torch.no_grad():
-            for n, t in target.items():
-                t.copy_(ck["weights"][n].to(t.device, t.dtype))
-        self.optimizer.load_state_dict(ck["states"]["optimizer"])
+            for n, t in target.items():  # (under FSDP: this rank's shard of the full tensor)
+                t.copy_(shard_like(ck["weights"][n].to(t.device, t.dtype), t))
+        opt_state = ck["states"]["optimizer"]
+        self.optimizer.load_state_dict(sharded_optimizer_state(self.optimizer, opt_state) if self.fsdp else opt_state)
         if "lr_scheduler" in ck["states"]:
             self.lr_scheduler.load_state_dict(ck["states"]["lr_scheduler"])
         elif self.config.lr_scheduler != "constant" or self.config.lr_warmup_steps:
@@ -583,7 +627,7 @@ class BaseTrainer:
             if "ema" not in ck["states"]:
                 raise ValueError(f"{path}: config has ema_decay > 0 but the checkpoint has no EMA weights")
             for n, t in ck["states"]["ema"].items():
-                self.ema[n].copy_(t)
+                self.ema[n].copy_(shard_like(t, self.ema[n]))
         self.epoch = int(meta["epoch"])
         self.global_step = int(meta.get("global_step", 0))
         self.nonfinite_streak = int(meta.get("nonfinite_streak", 0))
@@ -592,7 +636,7 @@ class BaseTrainer:
 
     def save_grid(self, epoch: int) -> Path | None:
         """One image per eval prompt, same noise every time, as ``<output_dir>/grids/epoch-NNNNNN.png``."""
-        if not self.accelerator.is_main_process:
+        if not self.accelerator.is_main_process and not self.fsdp:  # under FSDP every rank joins the model calls
             return None
         from PIL import Image  # noqa: PLC0415
 
@@ -602,6 +646,8 @@ class BaseTrainer:
                                     num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                                     height=cfg.resolution, width=cfg.resolution,
                                     generator=torch.Generator().manual_seed(cfg.seed))
+        if not self.accelerator.is_main_process:
+            return None
         imgs = (r.images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         n = len(imgs)
         cols = min(n, 4)
