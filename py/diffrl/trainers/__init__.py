@@ -1,17 +1,18 @@
-"""Trainers (GRPO, DDPO) and what they are built on: configs, atomic checkpoints, metrics logs."""
+"""Trainers (GRPO, NFT, DDPO) and what they are built on: configs, atomic checkpoints, metrics logs."""
 
 from diffrl.trainers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from diffrl.trainers.config import DDPOConfig, GRPOConfig, TrainConfig, apply_overrides, load_config
+from diffrl.trainers.config import DDPOConfig, GRPOConfig, NFTConfig, TrainConfig, apply_overrides, load_config
 from diffrl.trainers.metrics import MetricsLog
 
 # the trainers import torch/diffusers machinery lazily; these names are cheap to import
 from diffrl.trainers.base import BaseTrainer, NonFiniteError, load_pipeline  # noqa: E402
 from diffrl.trainers.ddpo import DDPOTrainer  # noqa: E402
 from diffrl.trainers.grpo import GRPOTrainer  # noqa: E402
+from diffrl.trainers.nft import NFTTrainer  # noqa: E402
 from diffrl.trainers.presets import PRESETS, get_preset  # noqa: E402
 from diffrl.trainers.rewards_factory import build_reward, build_rewards  # noqa: E402
 
-__all__ = ["TrainConfig", "GRPOConfig", "DDPOConfig", "load_config", "apply_overrides", "save_checkpoint",
-           "load_checkpoint", "latest_checkpoint", "MetricsLog",
-           "BaseTrainer", "GRPOTrainer", "DDPOTrainer", "NonFiniteError", "load_pipeline", "PRESETS", "get_preset",
-           "build_reward", "build_rewards"]
+__all__ = ["TrainConfig", "GRPOConfig", "NFTConfig", "DDPOConfig", "load_config", "apply_overrides",
+           "save_checkpoint", "load_checkpoint", "latest_checkpoint", "MetricsLog",
+           "BaseTrainer", "GRPOTrainer", "NFTTrainer", "DDPOTrainer", "NonFiniteError", "load_pipeline",
+           "PRESETS", "get_preset", "build_reward", "build_rewards"]

@@ -129,6 +129,7 @@ class BaseTrainer:
 
     config_class = TrainConfig
     kind = ""
+    keep_final_latents = False  # the sampler also stores the last latent (forward-process losses train on it)
 
     def __init__(self, config: TrainConfig, *, pipeline=None, reward=None, accelerator=None,
                  resume: bool = False, progress: bool = True):
@@ -338,7 +339,7 @@ class BaseTrainer:
                     prompts[i:i + per_call], num_images_per_prompt=cfg.group_size,
                     num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                     height=cfg.resolution, width=cfg.resolution, generator=gen, group_ids=gids[i:i + per_call],
-                    same_initial_noise=cfg.same_initial_noise))
+                    same_initial_noise=cfg.same_initial_noise, keep_final_latents=self.keep_final_latents))
         return Rollout.cat(parts)
 
     def score_rewards(self, rollout) -> dict[str, torch.Tensor]:
@@ -349,47 +350,71 @@ class BaseTrainer:
         return {k: v.detach().float().reshape(len(rollout), -1).mean(1) if isinstance(v, torch.Tensor) else v
                 for k, v in out.items()}
 
-    def train_epoch(self, epoch: int, rollout, advantages: torch.Tensor) -> dict[str, float]:
-        """PPO over the rollout; returns the mean stats and whether something was non-finite."""
-        from diffrl.ops import grpo_loss  # noqa: PLC0415
+    # ---- the loss: PPO on the recorded steps' log-probs (GRPO, DDPO); NFTTrainer overrides these four
 
+    def prepare_training(self, epoch: int, rollout, advantages: torch.Tensor) -> dict:
+        """What the epoch's loss needs, computed once before its first update."""
         cfg = self.config
-        B, S = len(rollout), rollout.num_steps
+        S = rollout.num_steps
         if S == 0:
             raise ValueError("the sampler recorded no stochastic step (noise_level / eta 0, or an sde_window of "
                              "deterministic steps): there is no log-prob to train on")
-        n_steps = max(1, int(S * cfg.timestep_fraction))
         old = rollout.log_probs.detach()
-        adv = advantages.to(old.device).float()
+        return {"old": old, "adv": advantages.to(old.device).float(), "S": S,
+                "n_steps": max(1, int(S * cfg.timestep_fraction)), "gen": self._generator(epoch, 2, self.rank)}
+
+    def inner_epoch_order(self, state: dict, inner: int) -> torch.Tensor:
+        """The order of the samples in inner epoch ``inner`` (cut into minibatches of train_batch_size)."""
+        B = len(state["old"])
+        perm = torch.randperm(B, generator=state["gen"])
+        # each sample trains on its own random subset of the recorded steps (as DDPO)
+        state["step_order"] = torch.stack([torch.randperm(state["S"], generator=state["gen"])
+                                           for _ in range(B)])[:, :state["n_steps"]]
+        return perm
+
+    def terms_per_minibatch(self, state: dict) -> int:
+        """Backward passes per minibatch (PPO: one per trained step); the step's gradient is their mean."""
+        return state["n_steps"]
+
+    def minibatch_loss(self, state: dict, sub, idx: torch.Tensor, term: int):
+        """``(loss, stats)`` of term ``term`` of the minibatch ``sub`` (= rollout[idx])."""
+        from diffrl.ops import grpo_loss  # noqa: PLC0415
+
+        cfg = self.config
+        old, adv = state["old"], state["adv"]
+        steps = state["step_order"][idx, term]
+        out = self.sampler.score(sub, steps, transformer_or_unet=self.model, reference=self.reference)
+        return grpo_loss(out.log_prob.float(), old[idx.to(old.device), steps.to(old.device)],
+                         adv[idx.to(adv.device)], clip_range=cfg.clip_range,
+                         kl=None if out.kl is None else out.kl.float(), kl_coef=cfg.kl_coef)
+
+    def train_epoch(self, epoch: int, rollout, advantages: torch.Tensor) -> dict[str, float]:
+        """Inner epochs of minibatch updates over the rollout (the loss from the hooks above); returns
+        the mean stats, the number of applied and skipped (non-finite) optimizer steps."""
+        cfg = self.config
+        state = self.prepare_training(epoch, rollout, advantages)
+        n_terms = self.terms_per_minibatch(state)
         sums: dict[str, float] = {}
         count = 0
         nonfinite = 0
         micro = 0  # minibatches accumulated into the pending optimizer step
         bad_pending = False
-        gen = self._generator(epoch, 2, self.rank)
-        for _ in range(cfg.inner_epochs):
-            perm = torch.randperm(B, generator=gen)
-            # each sample trains on its own random subset of the recorded steps (as DDPO)
-            step_order = torch.stack([torch.randperm(S, generator=gen) for _ in range(B)])[:, :n_steps]
-            batches = perm.split(cfg.train_batch_size)
+        for inner in range(cfg.inner_epochs):
+            batches = self.inner_epoch_order(state, inner).split(cfg.train_batch_size)
             for b, idx in enumerate(batches):
                 sub = rollout[idx]
                 last_micro = (micro + 1 == cfg.gradient_accumulation_steps) or b == len(batches) - 1
                 # minibatches of this optimizer step: the step's gradient is their mean, also for a
                 # last group shorter than gradient_accumulation_steps (not down-weighted)
                 group = min(cfg.gradient_accumulation_steps, len(batches) - (b - micro))
-                for j in range(n_steps):
-                    steps = step_order[idx, j]
-                    sync = last_micro and j == n_steps - 1
+                for j in range(n_terms):
+                    sync = last_micro and j == n_terms - 1
                     ctx = self.accelerator.no_sync(self.model) if not sync else contextlib.nullcontext()
                     with ctx, self.accelerator.autocast():
-                        out = self.sampler.score(sub, steps, transformer_or_unet=self.model, reference=self.reference)
-                        loss, stats = grpo_loss(out.log_prob.float(), old[idx.to(old.device), steps.to(old.device)],
-                                                adv[idx.to(adv.device)], clip_range=cfg.clip_range,
-                                                kl=None if out.kl is None else out.kl.float(), kl_coef=cfg.kl_coef)
+                        loss, stats = self.minibatch_loss(state, sub, idx, j)
                     # backward even when non-finite: under DDP every rank must join the gradient
                     # all-reduce; the update is skipped below on every rank alike
-                    self.accelerator.backward(loss / (n_steps * group))
+                    self.accelerator.backward(loss / (n_terms * group))
                     if not _finite(loss):
                         bad_pending = True
                         continue

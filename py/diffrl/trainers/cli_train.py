@@ -1,6 +1,6 @@
 """``diffrl train (--config FILE | --preset NAME) [--epochs N] [--output-dir DIR] [--resume] [--key value ...]``.
 
-The trainer kind comes from the preset, or from a ``trainer: grpo|ddpo`` key of the config file, or
+The trainer kind comes from the preset, or from a ``trainer: grpo|nft|ddpo`` key of the config file, or
 ``--trainer``. Precedence: config defaults < preset < config file < ``--key value`` overrides <
 ``--epochs`` / ``--output-dir``.
 """
@@ -12,12 +12,12 @@ from pathlib import Path
 
 __all__ = ["add_train_parser", "cmd_train", "build_trainer_from_args"]
 
-TRAINERS = ("grpo", "ddpo")
+TRAINERS = ("grpo", "nft", "ddpo")
 
 
 def add_train_parser(sub) -> None:
     p = sub.add_parser("train", allow_abbrev=False,
-                       help="train with GRPO or DDPO (a config file or a preset, plus overrides)",
+                       help="train with GRPO, NFT or DDPO (a config file or a preset, plus overrides)",
                        description=__doc__.split("\n\n", 1)[1] if "\n\n" in __doc__ else None)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", help="YAML config file")
@@ -31,9 +31,10 @@ def add_train_parser(sub) -> None:
 
 
 def build_trainer_from_args(args, overrides, *, pipeline=None, reward=None):
-    from diffrl.trainers.config import DDPOConfig, GRPOConfig, load_config  # noqa: PLC0415
+    from diffrl.trainers.config import DDPOConfig, GRPOConfig, NFTConfig, load_config  # noqa: PLC0415
     from diffrl.trainers.ddpo import DDPOTrainer  # noqa: PLC0415
     from diffrl.trainers.grpo import GRPOTrainer  # noqa: PLC0415
+    from diffrl.trainers.nft import NFTTrainer  # noqa: PLC0415
     from diffrl.trainers.presets import get_preset  # noqa: PLC0415
 
     kind, base = None, {}
@@ -53,7 +54,8 @@ def build_trainer_from_args(args, overrides, *, pipeline=None, reward=None):
     kind = args.trainer or kind or "grpo"
     if kind not in TRAINERS:
         raise ValueError(f"trainer must be one of {TRAINERS}, got {kind!r}")
-    cls, trainer_cls = (GRPOConfig, GRPOTrainer) if kind == "grpo" else (DDPOConfig, DDPOTrainer)
+    cls, trainer_cls = {"grpo": (GRPOConfig, GRPOTrainer), "nft": (NFTConfig, NFTTrainer),
+                        "ddpo": (DDPOConfig, DDPOTrainer)}[kind]
     overrides = list(overrides)
     if args.epochs is not None:
         overrides += ["--epochs", str(args.epochs)]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainConfig", "GRPOConfig", "DDPOConfig", "load_config", "apply_overrides", "config_to_dict"]
+__all__ = ["TrainConfig", "GRPOConfig", "NFTConfig", "DDPOConfig", "load_config", "apply_overrides", "config_to_dict"]
 
 
 @dataclass
@@ -83,6 +83,17 @@ class GRPOConfig(TrainConfig):
     noise_level: float = 0.7
     sde_type: str = "sde"                # sde | cps
     sde_window: list[int] = field(default_factory=list)  # [start, end) of stochastic steps; empty: all
+
+
+@dataclass
+class NFTConfig(GRPOConfig):
+    """Forward-process group-relative training (``NFTTrainer``): advantage-weighted flow matching on
+    the sampled images; sampling is deterministic by default (no log-probs are needed)."""
+
+    noise_level: float = 0.0
+    nft_beta: float = 1.0                # how far the implicit positive / negative policies lie from the old one
+    nft_adv_scale: float = 2.0           # advantage that counts as fully good: r = 0.5 + A / (2 nft_adv_scale)
+    train_guided: bool = False           # train the CFG-guided velocity (as sampled) rather than the conditional
 
 
 @dataclass
@@ -256,6 +267,10 @@ def _check(cfg) -> None:
             a, b = cfg.sde_window
             need(0 <= a < b <= cfg.num_inference_steps,
                  f"sde_window {cfg.sde_window} must satisfy 0 <= start < end <= num_inference_steps")
+    if isinstance(cfg, NFTConfig):
+        need(cfg.nft_beta > 0, f"nft_beta must be > 0, got {cfg.nft_beta}")
+        need(cfg.nft_adv_scale > 0, f"nft_adv_scale must be > 0, got {cfg.nft_adv_scale}")
+        need(cfg.kl_coef == 0, "kl_coef is not supported by the nft trainer (nft_beta bounds each update instead)")
     if isinstance(cfg, DDPOConfig):
         need(cfg.eta >= 0, "eta must be >= 0")
 

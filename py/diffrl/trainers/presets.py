@@ -1,7 +1,7 @@
 """Named configurations, runnable with ``diffrl train --preset NAME``.
 
-A preset is a trainer kind (``grpo`` | ``ddpo``) and config values (a value may be a function, called
-when the preset is used). ``pretrained: "builtin:shapes"`` is the packaged shapes model of ``diffrl
+A preset is a trainer kind (``grpo`` | ``nft`` | ``ddpo``) and config values (a value may be a function,
+called when the preset is used). ``pretrained: "builtin:shapes"`` is the packaged shapes model of ``diffrl
 demo`` (preset ``shapes-grpo``); ``pretrained: "tiny:<family>"``
 means a random-weight pipeline from ``diffrl.samplers.tiny`` (nothing is downloaded), which is
 what makes the ``tiny-*`` presets run an epoch on a CPU in seconds. They are smoke tests of the
@@ -61,6 +61,10 @@ PRESETS: dict[str, dict] = {
         "trainer": "grpo",
         "config": {**_TINY_COMMON, "pretrained": "tiny:sd3", "output_dir": "runs/tiny-sd3-jpeg",
                    "clip_range": 0.2, "kl_coef": 0.01, "noise_level": 0.7},
+    },
+    "tiny-sd3-nft-jpeg": {
+        "trainer": "nft",
+        "config": {**_TINY_COMMON, "pretrained": "tiny:sd3", "output_dir": "runs/tiny-sd3-nft-jpeg"},
     },
     "tiny-sd-ddpo-jpeg": {
         "trainer": "ddpo",
