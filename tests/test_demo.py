@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("diffusers")
 
 from diffrl.cli import main  # noqa: E402
-from diffrl.demo import run_demo  # noqa: E402
+from diffrl.demo import DEMO_PRESETS, run_demo  # noqa: E402
 from diffrl.models.shapes import parse_prompt  # noqa: E402
 from diffrl.models.shapes_eval import HELDOUT_RESERVED, heldout_prompts, training_prompts  # noqa: E402
 from diffrl.models.shapes_model import load_base_pipeline  # noqa: E402
@@ -50,20 +50,23 @@ def test_packaged_model_under_flow_sampler():
         sampler.sample(prompts, num_inference_steps=2, height=16, width=16)
 
 
-def test_demo_writes_its_files(tmp_path):
+@pytest.mark.parametrize("preset", DEMO_PRESETS)
+def test_demo_writes_its_files(tmp_path, preset):
     out = tmp_path / "demo"
-    s = run_demo(out, minutes=0.01, eval_prompts=6, progress=False, overrides=TINY_RUN)
+    s = run_demo(out, minutes=0.01, eval_prompts=6, progress=False, overrides=TINY_RUN, preset=preset)
     for f in ("summary.json", "before.png", "after.png", "prompts.txt", "metrics.jsonl", "reward_curve.png"):
         assert (out / f).is_file(), f
     saved = json.loads((out / "summary.json").read_text())
     assert saved["accuracy_before"] == s["accuracy_before"] and 0 <= saved["accuracy_after"] <= 1
     assert saved["epochs"] >= 1 and set(saved["before"]) >= {"count", "colour", "shape", "relation", "reward"}
-    assert saved["config"]["pretrained"] == "builtin:shapes"
+    assert saved["config"]["pretrained"] == "builtin:shapes" and saved["preset"] == preset
     assert (out / "checkpoints").is_dir()
     # the preset keeps an EMA of the trained weights: "after" is the EMA's, the trained weights' too
     assert saved["after_weights"].startswith("EMA") and 0 <= saved["accuracy_after_raw_weights"] <= 1
     with pytest.raises(FileExistsError):  # never overwrite a finished run
         run_demo(out, minutes=0.01, eval_prompts=2, progress=False, overrides=TINY_RUN)
+    with pytest.raises(ValueError, match="presets"):
+        run_demo(tmp_path / "other", minutes=0.01, eval_prompts=2, progress=False, preset="tiny-sd3-jpeg")
 
 
 def test_demo_cli_help(capsys):

@@ -80,14 +80,20 @@ def _plot(records: list[dict], before: dict, after: dict, path: Path, title: str
     return True
 
 
+DEMO_PRESETS = ("shapes-nft", "shapes-grpo")
+
+
 def run_demo(output_dir: str | Path = "runs/demo", *, minutes: float | None = None, eval_prompts: int = 200,
              seed: int = 0, device: str = "cpu", threads: int | None = None, progress: bool = True,
-             overrides: dict | None = None) -> dict:
+             overrides: dict | None = None, preset: str = DEMO_PRESETS[0]) -> dict:
     """Runs the demo (see the module docstring); returns the summary it writes to ``summary.json``."""
     from diffrl.models.shapes_eval import evaluate, heldout_prompts, save_grid  # noqa: PLC0415
     from diffrl.rewards import ShapesReward  # noqa: PLC0415
-    from diffrl.trainers import GRPOConfig, GRPOTrainer  # noqa: PLC0415
+    from diffrl.trainers import GRPOConfig, GRPOTrainer, NFTConfig, NFTTrainer  # noqa: PLC0415
     from diffrl.trainers.presets import get_preset  # noqa: PLC0415
+
+    if preset not in DEMO_PRESETS:
+        raise ValueError(f"the demo runs one of the presets {DEMO_PRESETS}, got {preset!r}")
 
     t_all = time.perf_counter()
     out = Path(output_dir)
@@ -96,17 +102,19 @@ def run_demo(output_dir: str | Path = "runs/demo", *, minutes: float | None = No
     out.mkdir(parents=True, exist_ok=True)
     if threads:
         torch.set_num_threads(threads)
-    _, values = get_preset("shapes-grpo")
+    kind, values = get_preset(preset)
+    config_cls, trainer_cls = {"grpo": (GRPOConfig, GRPOTrainer), "nft": (NFTConfig, NFTTrainer)}[kind]
+    name = {"grpo": "GRPO", "nft": "NFT (forward-process GRPO)"}[kind]
     values.update(output_dir=str(out), seed=seed, device=device)
     if minutes is not None:
         values["max_minutes"] = float(minutes)
     values.update(overrides or {})
-    cfg = GRPOConfig(**values)
+    cfg = config_cls(**values)
 
     say = print if progress else (lambda *a, **k: None)
-    say(f"diffrl demo: GRPO on the packaged shapes model, {cfg.max_minutes:g} min of training on {device} "
+    say(f"diffrl demo: {name} on the packaged shapes model (preset {preset}), {cfg.max_minutes:g} min of training on {device} "
         f"({torch.get_num_threads()} threads); held-out evaluation on {eval_prompts} prompts before and after")
-    trainer = GRPOTrainer(cfg, progress=progress)
+    trainer = trainer_cls(cfg, progress=progress)
     reward = ShapesReward()
     prompts = heldout_prompts(eval_prompts)
 
@@ -143,10 +151,11 @@ def run_demo(output_dir: str | Path = "runs/demo", *, minutes: float | None = No
         say(f"(after: the EMA of the trained weights, decay {cfg.ema_decay:g}; the raw trained weights: accuracy "
             f"{after_raw['accuracy']:.3f}, reward {after_raw['reward']:.3f})")
     gain = after["accuracy"] - before["accuracy"]
-    title = (f"GRPO on the shapes model: held-out accuracy {before['accuracy']:.2f} -> {after['accuracy']:.2f}\n"
+    title = (f"{name} on the shapes model: held-out accuracy {before['accuracy']:.2f} -> {after['accuracy']:.2f}\n"
              f"in {t_train / 60:.1f} min ({len(records)} epochs, {platform.machine()}, {torch.get_num_threads()} threads)")
     plotted = _plot(records, before, after, out / "reward_curve.png", title)
     summary = {
+        "preset": preset, "trainer": kind,
         "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"], "accuracy_gain": gain,
         "before": before, "after": after, "eval_prompts": eval_prompts,
         "after_weights": "trained" if after_raw is None else f"EMA of the trained weights (decay {cfg.ema_decay:g})",
@@ -167,7 +176,7 @@ def run_demo(output_dir: str | Path = "runs/demo", *, minutes: float | None = No
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     say(f"held-out accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} ({gain * 100:+.1f} points) after "
-        f"{len(records)} epochs / {t_train / 60:.1f} min of GRPO; total {summary['wall_s']['total'] / 60:.1f} min")
+        f"{len(records)} epochs / {t_train / 60:.1f} min of {name}; total {summary['wall_s']['total'] / 60:.1f} min")
     say(f"wrote {out}/summary.json, {'reward_curve.png, ' if plotted else ''}before.png, after.png, prompts.txt")
     return summary
 
@@ -181,5 +190,7 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--preset", default=DEMO_PRESETS[0], choices=DEMO_PRESETS,
+                   help=f"the trainer and its settings (default {DEMO_PRESETS[0]})")
     p.set_defaults(func=lambda a: (run_demo(a.output_dir, minutes=a.minutes, eval_prompts=a.eval_prompts, seed=a.seed,
-                                            device=a.device, threads=a.threads), 0)[1])
+                                            device=a.device, threads=a.threads, preset=a.preset), 0)[1])
