@@ -3,8 +3,8 @@
     .venv/bin/python -m bench.compare_shapes_trainers [--minutes 4] [--eval-every-s 60] [--eval-prompts 100]
                                                 [--variants grpo,grpo-global-std,...] [--device cpu]
 
-Every variant starts from the packaged shapes model and trains with ``GRPOTrainer`` against
-``ShapesReward`` for the same wall-time budget; the held-out accuracy (the ``diffrl demo``
+Every variant starts from the packaged shapes model and trains with ``GRPOTrainer`` (``NFTTrainer``
+for ``nft``) against ``ShapesReward`` for the same wall-time budget; the held-out accuracy (the ``diffrl demo``
 evaluation: fixed prompts never trained on, fixed noise seeds, 20 Euler steps, CFG 4) is measured at
 the start and after the first epoch that ends past each ``--eval-every-s`` seconds of training (the
 evaluations' own time is not counted). Variants (all else as the ``shapes-grpo`` preset):
@@ -13,10 +13,12 @@ grpo                    the preset (group-normalised advantages with the group's
 grpo-global-std         advantages divided by the whole batch's std (Flow-GRPO's ``global_std``)
 grpo-kl                 KL penalty to the frozen base model, ``kl_coef=0.04`` (Flow-GRPO's beta)
 grpo-all-steps          every one of the 10 steps stochastic, half of them trained per sample (the
-                        preset: only step 0)
-grpo-independent-noise  each image of a group from its own initial latent (the preset: one per group)
+                        preset: steps 0-4, all trained)
+grpo-shared-noise       a group's images start from one initial latent (the preset: one latent each)
 grpo-no-ema             the trained weights evaluated as they are (the preset: their EMA)
 grpo-tracker            DDPO's per-prompt stat tracker for the advantages (history of 16 rewards per prompt)
+nft                     the ``shapes-nft`` preset: forward-process training (advantage-weighted flow
+                        matching on deterministic samples), EMA evaluated
 
 Writes ``bench/results/<device>/shapes_grpo.{md,csv}`` (one row per evaluation) and
 ``shapes_grpo.png`` (accuracy against training wall time, one line per variant).
@@ -40,16 +42,19 @@ VARIANTS = {
     "grpo-global-std": {"adv_std": "global"},
     "grpo-kl": {"kl_coef": 0.04},
     "grpo-all-steps": {"sde_window": [], "timestep_fraction": 0.5},
-    "grpo-independent-noise": {"same_initial_noise": False},
+    "grpo-shared-noise": {"same_initial_noise": True},
     "grpo-no-ema": {"ema_decay": 0.0},
     "grpo-tracker": {"_tracker": True},
+    "nft": {"_preset": "shapes-nft"},
 }
 
 
-def make_trainer(values: dict, tracker: bool):
+def make_trainer(values: dict, tracker: bool, kind: str = "grpo"):
     from diffrl import PerPromptStatTracker  # noqa: PLC0415
-    from diffrl.trainers import DDPOTrainer, GRPOConfig, GRPOTrainer  # noqa: PLC0415
+    from diffrl.trainers import DDPOTrainer, GRPOConfig, GRPOTrainer, NFTConfig, NFTTrainer  # noqa: PLC0415
 
+    if kind == "nft":
+        return NFTTrainer(NFTConfig(**values), progress=False)
     cfg = GRPOConfig(**values)
     if not tracker:
         return GRPOTrainer(cfg, progress=False)
@@ -75,11 +80,11 @@ def run_variant(name: str, minutes: float, eval_every_s: float, eval_prompts: in
 
     over = dict(VARIANTS[name])
     tracker = over.pop("_tracker", False)
-    _, values = get_preset("shapes-grpo")
+    kind, values = get_preset(over.pop("_preset", "shapes-grpo"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         values.update(over, output_dir=tmp, seed=seed, device=device, max_minutes=0, epochs=10**6)
-        trainer = make_trainer(values, tracker)
+        trainer = make_trainer(values, tracker, kind)
         reward, prompts = ShapesReward(), heldout_prompts(eval_prompts)
 
         def record(train_s, epoch):
