@@ -9,6 +9,9 @@
     python -m bench.diagnose_shapes_grpo paired   [--epochs 40] [--advantages plus|neg|shuffle] [--set lr=5e-5 ...]
         training reward of a GRPO run minus that of the untrained model on the same epochs
         (same prompts, same noise): learning curves without the prompt-to-prompt noise
+    python -m bench.diagnose_shapes_grpo failures
+        what the packaged model gets wrong on the demo's 200 held-out prompts (attribute binding,
+        relation only, extra or missing objects, unrecognisable blobs), from ShapesReward.detect
 
 Everything starts from the preset ``shapes-grpo`` with ``same_initial_noise`` on (``--set key=value``
 overrides, values parsed as JSON) and runs on the CPU with ``--threads`` threads.
@@ -109,9 +112,40 @@ def paired(args, overrides):
         print(f"| {chunk[0]['epoch']}-{chunk[-1]['epoch']} | {dr:+.3f} | {dc:+.3f} |", flush=True)
 
 
+def failures(args, overrides):
+    import collections  # noqa: PLC0415
+
+    from diffrl.models.shapes import parse_prompt  # noqa: PLC0415
+    from diffrl.models.shapes_eval import evaluate, heldout_prompts  # noqa: PLC0415
+    from diffrl.models.shapes_model import load_base_pipeline  # noqa: PLC0415
+    from diffrl.rewards import ShapesReward  # noqa: PLC0415
+
+    pipe, reward, prompts = load_base_pipeline(), ShapesReward(), heldout_prompts(200)
+    metrics, images = evaluate(pipe, prompts, reward)
+    heads, found = reward(images, prompts), reward.detect(images)
+    kinds = collections.Counter()
+    for i, prompt in enumerate(prompts):
+        if heads["correct"][i] > 0.5:
+            continue
+        want = sum(o.count for o in parse_prompt(prompt).objects)
+        n = len(found[i])
+        if n != want:
+            kind = "extra objects" if n > want else "missing objects"
+        elif heads["count"][i] > 0.999:
+            kind = "every object right, relation wrong"
+        else:
+            kind = "right number of objects, wrong colour or shape (binding)"
+        if any(o["shape"] == "other" for o in found[i]):
+            kinds["(of all wrong: an object of no recognisable shape)"] += 1
+        kinds[kind] += 1
+    print(f"held-out accuracy {metrics['accuracy']:.3f}; the {sum(heads['correct'] < 0.5)} wrong images:")
+    for kind, n in kinds.most_common():
+        print(f"  {n:4d}  {kind}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["stepvar", "gradcos", "paired"])
+    p.add_argument("what", choices=["stepvar", "gradcos", "paired", "failures"])
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--advantages", choices=["plus", "neg", "shuffle"], default="plus")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="preset override (JSON value)")
@@ -126,8 +160,8 @@ def main(argv=None):
         except json.JSONDecodeError:
             overrides[k] = v
     if args.epochs is None:
-        args.epochs = {"stepvar": 6, "gradcos": 12, "paired": 40}[args.what]
-    {"stepvar": stepvar, "gradcos": gradcos, "paired": paired}[args.what](args, overrides)
+        args.epochs = {"stepvar": 6, "gradcos": 12, "paired": 40, "failures": 0}[args.what]
+    {"stepvar": stepvar, "gradcos": gradcos, "paired": paired, "failures": failures}[args.what](args, overrides)
 
 
 if __name__ == "__main__":
