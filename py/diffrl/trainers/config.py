@@ -88,7 +88,8 @@ class GRPOConfig(TrainConfig):
 @dataclass
 class NFTConfig(GRPOConfig):
     """Forward-process group-relative training (``NFTTrainer``): advantage-weighted flow matching on
-    the sampled images; sampling is deterministic by default (no log-probs are needed)."""
+    the sampled images; sampling is deterministic by default (no log-probs are needed). The PPO keys
+    (``clip_range``, ``timestep_fraction``) do not apply; ``kl_coef`` must stay 0."""
 
     noise_level: float = 0.0
     nft_beta: float = 1.0                # how far the implicit positive / negative policies lie from the old one
