@@ -15,7 +15,7 @@ from diffrl.models.shapes_eval import HELDOUT_RESERVED, heldout_prompts, trainin
 from diffrl.models.shapes_model import load_base_pipeline  # noqa: E402
 from diffrl.rewards import ShapesReward  # noqa: E402
 from diffrl.samplers import FlowSDESampler  # noqa: E402
-from diffrl.trainers import GRPOConfig, GRPOTrainer, get_preset  # noqa: E402
+from diffrl.trainers import GRPOConfig, GRPOTrainer, NFTConfig, NFTTrainer, get_preset  # noqa: E402
 
 TINY_RUN = {"prompts_per_epoch": 2, "group_size": 4, "sample_batch_size": 8, "train_batch_size": 4,
             "num_inference_steps": 4, "sde_window": [0, 2], "timestep_fraction": 1.0}
@@ -82,6 +82,30 @@ def _mean_reward(pipe, prompts, seeds, reward):
     gens = [torch.Generator().manual_seed(s) for _ in prompts for s in seeds]
     imgs = pipe(ps, num_inference_steps=20, guidance_scale=4.0, generator=gens).images
     return reward(imgs, ps)["reward"].view(len(prompts), len(seeds))
+
+
+@pytest.mark.slow
+def test_short_nft_run_raises_reward(tmp_path):
+    """16 epochs of the demo's NFT trainer on four relation prompts (where the base model is weakest)
+    raise their mean reward, measured on 24 fresh noise seeds per prompt, by more than 3 standard
+    errors of the seed-to-seed noise of the starting value. lr 1e-4 (the preset's 3e-5 is for 2000
+    prompts); the trained weights are measured (their EMA lags behind 64 optimizer steps).
+    Measured on run seeds 0-3: +0.132, +0.082, +0.129, +0.070 against 3 standard errors of 0.045."""
+    prompts = ["a red circle left of a blue square", "a yellow triangle above a green circle",
+               "a purple square right of a red triangle", "a blue circle below a yellow square"]
+    _, values = get_preset("shapes-nft")
+    values.update(prompts=prompts, output_dir=str(tmp_path), max_minutes=0, epochs=16, prompts_per_epoch=4,
+                  group_size=8, sample_batch_size=32, seed=0, device="cpu", lr=1e-4, lr_scheduler="constant")
+    trainer = NFTTrainer(NFTConfig(**values), progress=False)
+    reward = ShapesReward()
+    seeds = list(range(1000, 1024))
+    before = _mean_reward(trainer.pipe, prompts, seeds, reward)
+    trainer.train()
+    after = _mean_reward(trainer.pipe, prompts, seeds, reward)
+    per_seed = before.mean(0)
+    stderr = float(per_seed.std() / len(seeds) ** 0.5)
+    gain = float(after.mean() - before.mean())
+    assert gain > 3 * stderr, (float(before.mean()), float(after.mean()), stderr)
 
 
 @pytest.mark.slow
