@@ -539,8 +539,8 @@ class BaseTrainer:
             if budget is None:
                 bar = tqdm(total=total, initial=min(self.epoch, total), desc=f"{self.kind or 'train'} epochs",
                            dynamic_ncols=True)
-            else:  # a time budget: the bar counts seconds
-                bar = tqdm(total=round(budget), desc=f"{self.kind or 'train'} (time budget)", unit="s",
+            else:  # a time budget: the bar counts seconds, to the budget or to the expected end of the epochs
+                bar = tqdm(total=round(budget), desc=f"{self.kind or 'train'} (<= {budget / 60:g} min)", unit="s",
                            dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s{postfix}")
         records = []
         try:
@@ -562,7 +562,10 @@ class BaseTrainer:
                     if budget is None:
                         bar.update(1)
                     else:
-                        bar.update(min(budget, time.perf_counter() - t_start) - bar.n)
+                        elapsed = time.perf_counter() - t_start
+                        expected = elapsed + elapsed / len(records) * (total - self.epoch)
+                        bar.total = min(budget, expected)
+                        bar.update(min(bar.total, elapsed) - bar.n)
                     bar.set_postfix(epoch=epoch, reward=f"{rec['reward_mean']:.4g}",
                                     loss=f"{rec.get('loss', float('nan')):.3g}")
                 if self.nonfinite_streak >= cfg.max_nonfinite:
