@@ -53,12 +53,16 @@ def test_packaged_model_under_flow_sampler():
 @pytest.mark.parametrize("preset", DEMO_PRESETS)
 def test_demo_writes_its_files(tmp_path, preset):
     out = tmp_path / "demo"
-    s = run_demo(out, minutes=0.01, eval_prompts=6, progress=False, overrides=TINY_RUN, preset=preset)
+    s = run_demo(out, minutes=5, eval_prompts=6, progress=False, overrides={**TINY_RUN, "epochs": 2}, preset=preset,
+                 eval_every=1)
     for f in ("summary.json", "before.png", "after.png", "prompts.txt", "metrics.jsonl", "reward_curve.png"):
         assert (out / f).is_file(), f
     saved = json.loads((out / "summary.json").read_text())
     assert saved["accuracy_before"] == s["accuracy_before"] and 0 <= saved["accuracy_after"] <= 1
-    assert saved["epochs"] >= 1 and set(saved["before"]) >= {"count", "colour", "shape", "relation", "reward"}
+    assert saved["epochs"] == 2 and set(saved["before"]) >= {"count", "colour", "shape", "relation", "reward"}
+    # one held-out evaluation between the two epochs (eval_every=1), none after the last
+    assert [m["epoch"] for m in saved["during_training"]] == [1] and 0 <= saved["during_training"][0]["accuracy"] <= 1
+    assert saved["config"]["max_minutes"] == 5  # the chunked training restores the budget it was given
     assert saved["config"]["pretrained"] == "builtin:shapes" and saved["preset"] == preset
     assert (out / "checkpoints").is_dir()
     # the preset keeps an EMA of the trained weights: "after" is the EMA's, the trained weights' too

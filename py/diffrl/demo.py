@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -40,7 +41,7 @@ def _table(before: dict, after: dict) -> str:
     return "\n".join(lines)
 
 
-def _plot(records: list[dict], before: dict, after: dict, path: Path, title: str) -> bool:
+def _plot(records: list[dict], before: dict, after: dict, path: Path, title: str, midway=()) -> bool:
     try:
         import matplotlib  # noqa: PLC0415
 
@@ -68,9 +69,10 @@ def _plot(records: list[dict], before: dict, after: dict, path: Path, title: str
     ax.plot(t, correct, color="tab:green", alpha=0.25, lw=1)
     ax.plot(t, smooth(correct), color="tab:green", lw=2, label="training images exactly right, 5-epoch mean")
     end = t[-1] if t else 0.0
-    ax.scatter([0, end], [before["accuracy"], after["accuracy"]], color="tab:red", zorder=5, s=40,
-               label="held-out accuracy (before / after)")
-    ax.plot([0, end], [before["accuracy"], after["accuracy"]], color="tab:red", ls="--", lw=1)
+    xs = [0.0, *[m for m, _, _ in midway], end]
+    ys = [before["accuracy"], *[r["accuracy"] for _, _, r in midway], after["accuracy"]]
+    ax.plot(xs, ys, color="tab:red", ls="--", lw=1, marker="o", ms=6, zorder=5,
+            label="held-out accuracy (fixed prompts and seeds)")
     ax.set_xlabel("training wall time (min)")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
@@ -87,8 +89,9 @@ DEMO_PRESETS = ("shapes-nft", "shapes-grpo")
 
 def run_demo(output_dir: str | Path = "runs/demo", *, minutes: float | None = None, eval_prompts: int = 200,
              seed: int = 0, device: str = "cpu", threads: int | None = None, progress: bool = True,
-             overrides: dict | None = None, preset: str = DEMO_PRESETS[0]) -> dict:
-    """Runs the demo (see the module docstring); returns the summary it writes to ``summary.json``."""
+             overrides: dict | None = None, preset: str = DEMO_PRESETS[0], eval_every: int = 20) -> dict:
+    """Runs the demo (see the module docstring); returns the summary it writes to ``summary.json``.
+    ``eval_every``: epochs between held-out evaluations during training (0: before and after only)."""
     from diffrl.models.shapes_eval import evaluate, heldout_prompts, save_grid  # noqa: PLC0415
     from diffrl.rewards import ShapesReward  # noqa: PLC0415
     from diffrl.trainers import GRPOConfig, GRPOTrainer, NFTConfig, NFTTrainer  # noqa: PLC0415
@@ -114,8 +117,10 @@ def run_demo(output_dir: str | Path = "runs/demo", *, minutes: float | None = No
     cfg = config_cls(**values)
 
     say = print if progress else (lambda *a, **k: None)
-    say(f"diffrl demo: {name} on the packaged shapes model (preset {preset}), {cfg.max_minutes:g} min of training on {device} "
-        f"({torch.get_num_threads()} threads); held-out evaluation on {eval_prompts} prompts before and after")
+    when = f"before, every {eval_every} epochs and after" if eval_every else "before and after"
+    say(f"diffrl demo: {name} on the packaged shapes model (preset {preset}), training for at most {cfg.epochs} "
+        f"epochs and {cfg.max_minutes:g} min on {device} ({torch.get_num_threads()} threads); held-out "
+        f"evaluation on {eval_prompts} prompts {when}")
     trainer = trainer_cls(cfg, progress=progress)
     reward = ShapesReward()
     prompts = heldout_prompts(eval_prompts)
@@ -129,9 +134,23 @@ def run_demo(output_dir: str | Path = "runs/demo", *, minutes: float | None = No
     (out / "prompts.txt").write_text("".join(f"{i:3d} (row {i // 8}, col {i % 8}): {p}\n"
                                              for i, p in enumerate(prompts[:64])))
 
-    t0 = time.perf_counter()
-    records = trainer.train()
-    t_train = time.perf_counter() - t0
+    # training in chunks of eval_every epochs with a held-out evaluation (of the result: the EMA when
+    # kept) between them; the chunks change nothing in the training (epochs draw their own RNG)
+    records, midway = [], []  # midway: (training minutes, epoch, held-out metrics)
+    t_train = 0.0
+    budget = cfg.max_minutes * 60 if cfg.max_minutes > 0 else None
+    while trainer.epoch < cfg.epochs and (budget is None or t_train < budget):
+        stop = cfg.epochs if not eval_every else min(cfg.epochs, trainer.epoch + eval_every)
+        cfg.max_minutes = 0.0 if budget is None else (budget - t_train) / 60
+        t0 = time.perf_counter()
+        records += trainer.train(stop)
+        t_train += time.perf_counter() - t0
+        if trainer.epoch < cfg.epochs and (budget is None or t_train < budget):
+            with trainer.ema_weights() if trainer.ema is not None else contextlib.nullcontext():
+                mid, _ = evaluate(trainer.pipe, prompts, reward)
+            midway.append((t_train / 60, trainer.epoch, mid))
+            say(f"epoch {trainer.epoch}: held-out accuracy {mid['accuracy']:.3f}, reward {mid['reward']:.3f}")
+    cfg.max_minutes = budget / 60 if budget is not None else 0.0  # (trainer.config is cfg)
     trainer.save_state()
 
     t0 = time.perf_counter()
@@ -155,7 +174,7 @@ def run_demo(output_dir: str | Path = "runs/demo", *, minutes: float | None = No
     gain = after["accuracy"] - before["accuracy"]
     title = (f"{name} on the shapes model: held-out accuracy {before['accuracy']:.2f} -> {after['accuracy']:.2f}\n"
              f"in {t_train / 60:.1f} min ({len(records)} epochs, {platform.machine()}, {torch.get_num_threads()} threads)")
-    plotted = _plot(records, before, after, out / "reward_curve.png", title)
+    plotted = _plot(records, before, after, out / "reward_curve.png", title, midway)
     summary = {
         "preset": preset, "trainer": kind,
         "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"], "accuracy_gain": gain,
@@ -164,6 +183,8 @@ def run_demo(output_dir: str | Path = "runs/demo", *, minutes: float | None = No
         "accuracy_after_raw_weights": None if after_raw is None else after_raw["accuracy"],
         "after_raw_weights": after_raw,
         "eval_sampler": "Euler 20 steps, CFG 4.0, one image per prompt, noise seed = prompt index",
+        "during_training": [{"train_minutes": round(m, 3), "epoch": e, "accuracy": r["accuracy"], "reward": r["reward"]}
+                            for m, e, r in midway],
         "epochs": len(records), "images_trained_on": sum(r["samples"] for r in records),
         "wall_s": {"total": time.perf_counter() - t_all, "train": t_train, "eval_before": t_eval_before,
                    "eval_after": t_eval_after},
