@@ -233,10 +233,11 @@ def test_full_finetuning_with_frozen_reference_and_ema(tmp_path):
 
 _WORKER = r"""
 import sys, torch
-from diffrl.trainers import GRPOTrainer, GRPOConfig, get_preset, load_config
-_, values = get_preset("tiny-sd3-jpeg")
+from diffrl.trainers import GRPOTrainer, GRPOConfig, NFTTrainer, NFTConfig, get_preset, load_config
+kind, values = get_preset(sys.argv[2])
 values.update(num_inference_steps=1, output_dir=sys.argv[1], epochs=1, prompts_per_epoch=4, save_every=0)
-tr = GRPOTrainer(load_config(GRPOConfig, base=values), progress=False)
+config_cls, trainer_cls = (NFTConfig, NFTTrainer) if kind == "nft" else (GRPOConfig, GRPOTrainer)
+tr = trainer_cls(load_config(config_cls, base=values), progress=False)
 tr.train()
 torch.save({"batch": tr.last_batch, "weights": tr.trained_weights(), "world": tr.world,
             "wrapped": tr.model is not tr.raw_model}, f"{sys.argv[1]}/rank{tr.rank}.pt")
@@ -244,9 +245,11 @@ torch.save({"batch": tr.last_batch, "weights": tr.trained_weights(), "world": tr
 
 
 @pytest.mark.slow
-def test_two_processes_gloo_agree_with_gathered_advantages(tmp_path):
+@pytest.mark.parametrize("preset", ["tiny-sd3-jpeg", "tiny-sd3-nft-jpeg"])
+def test_two_processes_gloo_agree_with_gathered_advantages(tmp_path, preset):
     """Two CPU processes (gloo, DDP through accelerate): each samples its share of the prompts, the
-    advantages are those of the gathered batch, and the ranks end with identical weights."""
+    advantages are those of the gathered batch, and the ranks end with identical weights (GRPO and
+    NFT: the same loop, different losses)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -254,7 +257,7 @@ def test_two_processes_gloo_agree_with_gathered_advantages(tmp_path):
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONWARNINGS": "ignore"}
-        procs.append(subprocess.Popen([sys.executable, "-c", _WORKER, str(tmp_path)], env=env,
+        procs.append(subprocess.Popen([sys.executable, "-c", _WORKER, str(tmp_path), preset], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     for p in procs:
         out, _ = p.communicate(timeout=300)
