@@ -42,36 +42,36 @@ def _shapes_prompts() -> list[str]:
     return training_prompts(2000, seed=123)
 
 
+# the shapes task of `diffrl demo`: the packaged model against its rule-based verifier, on a CPU;
+# 8 prompts x 8 images per epoch, 10 sampling steps at CFG 4, full fine-tuning, the weights' EMA is
+# the result (docs/demo.md: what was measured)
+_SHAPES_COMMON = {
+    "pretrained": "builtin:shapes", "prompts": _shapes_prompts,
+    "eval_prompts": ["two red circles", "a blue square left of a yellow triangle", "three green triangles",
+                     "a purple circle above a red square"],
+    "resolution": 32, "num_inference_steps": 10, "guidance_scale": 4.0, "prompts_per_epoch": 8, "group_size": 8,
+    "sample_batch_size": 64, "use_lora": False, "ema_decay": 0.98, "adv_clip": 5.0, "save_every": 0, "keep_last": 1,
+    "reward": {"shapes": 1.0},
+}
+
 PRESETS: dict[str, dict] = {
-    # the demo (`diffrl demo`): the packaged shapes model against its rule-based verifier, on a CPU
-    # full fine-tuning at a small lr over the first 5 (layout) steps; the weights' EMA is the result
-    # (docs/demo.md: what was measured, including the settings with more gradient signal per image)
-    "shapes-grpo": {
-        "trainer": "grpo",
-        "config": {"pretrained": "builtin:shapes", "prompts": _shapes_prompts, "output_dir": "runs/shapes-grpo",
-                   "eval_prompts": ["two red circles", "a blue square left of a yellow triangle",
-                                    "three green triangles", "a purple circle above a red square"],
-                   "resolution": 32, "num_inference_steps": 10, "guidance_scale": 4.0, "noise_level": 0.7,
-                   "epochs": 10_000, "max_minutes": 8.0, "prompts_per_epoch": 8, "group_size": 8,
-                   "sample_batch_size": 64, "train_batch_size": 16, "sde_window": [0, 5],
-                   "timestep_fraction": 1.0, "clip_range": 1e-3, "kl_coef": 0.0, "use_lora": False, "lr": 2e-5,
-                   "ema_decay": 0.98, "adv_clip": 5.0, "save_every": 0, "keep_last": 1, "reward": {"shapes": 1.0}},
-    },
-    # the demo's default: NFTTrainer (forward-process, advantage-weighted flow matching) on the same
-    # task; deterministic 10-step sampling, full fine-tuning at lr 3e-5 decayed to 0 (cosine) over 60
-    # epochs (~5 min on 2 CPU cores; 9 min at most), 2 passes of minibatches of 32 (4 optimizer steps
-    # per epoch), the weights' EMA is the result (docs/demo.md: how it was chosen)
+    # the demo's default: NFTTrainer (forward-process, advantage-weighted flow matching); deterministic
+    # sampling, lr 3e-5 decayed to 0 (cosine) over 60 epochs (~4 min on 2 CPU cores; 9 min at most),
+    # 2 passes of minibatches of 32 (4 optimizer steps per epoch)
     "shapes-nft": {
         "trainer": "nft",
-        "config": {"pretrained": "builtin:shapes", "prompts": _shapes_prompts, "output_dir": "runs/shapes-nft",
-                   "eval_prompts": ["two red circles", "a blue square left of a yellow triangle",
-                                    "three green triangles", "a purple circle above a red square"],
-                   "resolution": 32, "num_inference_steps": 10, "guidance_scale": 4.0, "noise_level": 0.0,
-                   "epochs": 60, "max_minutes": 9.0, "prompts_per_epoch": 8, "group_size": 8,
-                   "sample_batch_size": 64, "train_batch_size": 32, "inner_epochs": 2, "use_lora": False,
-                   "lr": 3e-5, "lr_scheduler": "cosine", "adam_betas": [0.9, 0.99], "adam_weight_decay": 0.0, "nft_beta": 1.0,
-                   "nft_adv_scale": 2.0, "ema_decay": 0.98, "adv_clip": 5.0, "save_every": 0, "keep_last": 1,
-                   "reward": {"shapes": 1.0}},
+        "config": {**_SHAPES_COMMON, "output_dir": "runs/shapes-nft", "noise_level": 0.0, "epochs": 60,
+                   "max_minutes": 9.0, "train_batch_size": 32, "inner_epochs": 2, "lr": 3e-5,
+                   "lr_scheduler": "cosine", "adam_betas": [0.9, 0.99], "adam_weight_decay": 0.0, "nft_beta": 1.0,
+                   "nft_adv_scale": 2.0},
+    },
+    # Flow-GRPO on the same task (`diffrl demo --preset shapes-grpo`): SDE sampling with the first 5
+    # (layout) steps stochastic and trained, a small constant lr, 8 minutes
+    "shapes-grpo": {
+        "trainer": "grpo",
+        "config": {**_SHAPES_COMMON, "output_dir": "runs/shapes-grpo", "noise_level": 0.7, "epochs": 10_000,
+                   "max_minutes": 8.0, "train_batch_size": 16, "sde_window": [0, 5], "timestep_fraction": 1.0,
+                   "clip_range": 1e-3, "kl_coef": 0.0, "lr": 2e-5},
     },
     "tiny-sd3-jpeg": {
         "trainer": "grpo",
