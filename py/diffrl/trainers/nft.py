@@ -77,7 +77,7 @@ class NFTTrainer(GRPOTrainer):
         return {"x0": x0, "r": r, "plan": plan, "num_train": num_train}
 
     def inner_epoch_order(self, state: dict, inner: int) -> torch.Tensor:
-        state["inner"] = inner
+        state["inner"] = inner  # the loop asks for an inner epoch's order before its minibatches' losses
         return state["plan"][inner]["perm"]
 
     def terms_per_minibatch(self, state: dict) -> int:
