@@ -51,10 +51,11 @@ VARIANTS = {
 
 def make_trainer(values: dict, tracker: bool, kind: str = "grpo"):
     from diffrl import PerPromptStatTracker  # noqa: PLC0415
-    from diffrl.trainers import DDPOTrainer, GRPOConfig, GRPOTrainer, NFTConfig, NFTTrainer  # noqa: PLC0415
+    from diffrl.trainers import TRAINER_CLASSES, DDPOTrainer, GRPOConfig, GRPOTrainer  # noqa: PLC0415
 
-    if kind == "nft":
-        return NFTTrainer(NFTConfig(**values), progress=False)
+    if kind != "grpo":
+        config_cls, trainer_cls = TRAINER_CLASSES[kind]
+        return trainer_cls(config_cls(**values), progress=False)
     cfg = GRPOConfig(**values)
     if not tracker:
         return GRPOTrainer(cfg, progress=False)

@@ -98,6 +98,14 @@ def test_nft_configs_are_checked(tmp_path):
             _config(tmp_path, **bad)
 
 
+def test_cli_trainer_kinds_are_the_trainer_classes():
+    from diffrl.trainers import TRAINER_CLASSES
+    from diffrl.trainers.cli_train import TRAINERS
+
+    assert set(TRAINERS) == set(TRAINER_CLASSES)
+    assert TRAINER_CLASSES["nft"] == (NFTConfig, NFTTrainer)
+
+
 def test_cli_trains_the_nft_preset(tmp_path):
     out = tmp_path / "run"
     assert main(["train", "--preset", "tiny-sd3-nft-jpeg", "--epochs", "1", "--output-dir", str(out),

@@ -94,7 +94,7 @@ def run_demo(output_dir: str | Path = "runs/demo", *, minutes: float | None = No
     ``eval_every``: epochs between held-out evaluations during training (0: before and after only)."""
     from diffrl.models.shapes_eval import evaluate, heldout_prompts, save_grid  # noqa: PLC0415
     from diffrl.rewards import ShapesReward  # noqa: PLC0415
-    from diffrl.trainers import GRPOConfig, GRPOTrainer, NFTConfig, NFTTrainer  # noqa: PLC0415
+    from diffrl.trainers import TRAINER_CLASSES  # noqa: PLC0415
     from diffrl.trainers.presets import get_preset  # noqa: PLC0415
 
     if preset not in DEMO_PRESETS:
@@ -108,7 +108,7 @@ def run_demo(output_dir: str | Path = "runs/demo", *, minutes: float | None = No
     if threads:
         torch.set_num_threads(threads)
     kind, values = get_preset(preset)
-    config_cls, trainer_cls = {"grpo": (GRPOConfig, GRPOTrainer), "nft": (NFTConfig, NFTTrainer)}[kind]
+    config_cls, trainer_cls = TRAINER_CLASSES[kind]
     name = {"grpo": "GRPO", "nft": "NFT (forward-process GRPO)"}[kind]
     values.update(output_dir=str(out), seed=seed, device=device)
     if minutes is not None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 __all__ = ["add_train_parser", "cmd_train", "build_trainer_from_args"]
 
-TRAINERS = ("grpo", "nft", "ddpo")
+TRAINERS = ("grpo", "nft", "ddpo")  # the keys of diffrl.trainers.TRAINER_CLASSES (no torch import to build the parser)
 
 
 def add_train_parser(sub) -> None:
@@ -31,10 +31,8 @@ def add_train_parser(sub) -> None:
 
 
 def build_trainer_from_args(args, overrides, *, pipeline=None, reward=None):
-    from diffrl.trainers.config import DDPOConfig, GRPOConfig, NFTConfig, load_config  # noqa: PLC0415
-    from diffrl.trainers.ddpo import DDPOTrainer  # noqa: PLC0415
-    from diffrl.trainers.grpo import GRPOTrainer  # noqa: PLC0415
-    from diffrl.trainers.nft import NFTTrainer  # noqa: PLC0415
+    from diffrl.trainers import TRAINER_CLASSES  # noqa: PLC0415
+    from diffrl.trainers.config import load_config  # noqa: PLC0415
     from diffrl.trainers.presets import get_preset  # noqa: PLC0415
 
     kind, base = None, {}
@@ -54,8 +52,7 @@ def build_trainer_from_args(args, overrides, *, pipeline=None, reward=None):
     kind = args.trainer or kind or "grpo"
     if kind not in TRAINERS:
         raise ValueError(f"trainer must be one of {TRAINERS}, got {kind!r}")
-    cls, trainer_cls = {"grpo": (GRPOConfig, GRPOTrainer), "nft": (NFTConfig, NFTTrainer),
-                        "ddpo": (DDPOConfig, DDPOTrainer)}[kind]
+    cls, trainer_cls = TRAINER_CLASSES[kind]
     overrides = list(overrides)
     if args.epochs is not None:
         overrides += ["--epochs", str(args.epochs)]
