@@ -216,5 +216,8 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--preset", default=DEMO_PRESETS[0], choices=DEMO_PRESETS,
                    help=f"the trainer and its settings (default {DEMO_PRESETS[0]})")
+    p.add_argument("--eval-every", type=int, default=20,
+                   help="epochs between held-out evaluations during training (default 20; 0: before and after only)")
     p.set_defaults(func=lambda a: (run_demo(a.output_dir, minutes=a.minutes, eval_prompts=a.eval_prompts, seed=a.seed,
-                                            device=a.device, threads=a.threads, preset=a.preset), 0)[1])
+                                            device=a.device, threads=a.threads, preset=a.preset,
+                                            eval_every=a.eval_every), 0)[1])
