@@ -96,6 +96,8 @@ def test_nft_configs_are_checked(tmp_path):
                        ({"kl_coef": 0.1}, "kl_coef")):
         with pytest.raises(ValueError, match=match):
             _config(tmp_path, **bad)
+    with pytest.raises(ValueError, match="NFTTrainer trains rectified-flow pipelines"):
+        NFTTrainer(NFTConfig(prompts=["a"], pretrained="tiny:sd", output_dir=str(tmp_path / "sd")), progress=False)
 
 
 def test_cli_trainer_kinds_are_the_trainer_classes():

@@ -161,6 +161,11 @@ def test_bad_configs_are_clear_errors(tmp_path, capsys):
     # a config built directly (not through load_config) is checked by the trainer too
     with pytest.raises(ValueError, match="lr_scheduler must be"):
         GRPOTrainer(GRPOConfig(prompts=["a"], pretrained="tiny:sd3", lr_scheduler="cosin", output_dir=str(tmp_path)))
+    # a pipeline of the other family: said in trainer terms, before any training
+    with pytest.raises(ValueError, match="GRPOTrainer trains rectified-flow pipelines.*DDPOTrainer"):
+        GRPOTrainer(GRPOConfig(prompts=["a"], pretrained="tiny:sd", output_dir=str(tmp_path / "g")))
+    with pytest.raises(ValueError, match="DDPOTrainer trains DDIM/UNet pipelines.*GRPOTrainer"):
+        DDPOTrainer(DDPOConfig(prompts=["a"], pretrained="tiny:sd3", output_dir=str(tmp_path / "h")))
     # ranks with different numbers of optimizer steps would hang in DDP's all-reduce
     two_ranks = SimpleNamespace(device=torch.device("cpu"), process_index=0, num_processes=2)
     with pytest.raises(ValueError, match=r"different numbers of optimizer steps per epoch \[1, 2\]"):

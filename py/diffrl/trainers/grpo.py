@@ -21,7 +21,12 @@ class GRPOTrainer(BaseTrainer):
 
     def make_sampler(self, pipe):
         from diffrl.samplers import FlowSDESampler  # noqa: PLC0415
+        from diffrl.samplers.adapters import get_adapter  # noqa: PLC0415
 
+        if get_adapter(pipe).kind != "flow":  # say it in trainer terms, not the sampler's
+            raise ValueError(f"{type(self).__name__} trains rectified-flow pipelines (SD3 / SD3.5, FLUX.1, the shapes "
+                             f"model); {type(pipe).__name__} is a DDIM/UNet model: train it with DDPOTrainer "
+                             "(trainer: ddpo, e.g. preset tiny-sd-ddpo-jpeg)")
         cfg = self.config
         window = tuple(cfg.sde_window) if cfg.sde_window else None
         return FlowSDESampler(pipe, noise_level=cfg.noise_level, sde_type=cfg.sde_type, sde_steps=window)
