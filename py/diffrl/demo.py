@@ -173,7 +173,8 @@ def run_demo(output_dir: str | Path = "runs/demo", *, minutes: float | None = No
             f"{after_raw['accuracy']:.3f}, reward {after_raw['reward']:.3f})")
     gain = after["accuracy"] - before["accuracy"]
     title = (f"{name} on the shapes model: held-out accuracy {before['accuracy']:.2f} -> {after['accuracy']:.2f}\n"
-             f"in {t_train / 60:.1f} min ({len(records)} epochs, {platform.machine()}, {torch.get_num_threads()} threads)")
+             f"in {t_train / 60:.1f} min ({len(records)} epochs, {platform.machine()}, "
+             f"{torch.get_num_threads()} threads)")
     plotted = _plot(records, before, after, out / "reward_curve.png", title, midway)
     summary = {
         "preset": preset, "trainer": kind,
@@ -205,12 +206,15 @@ def run_demo(output_dir: str | Path = "runs/demo", *, minutes: float | None = No
 
 
 def add_demo_parser(sub) -> None:
-    p = sub.add_parser("demo", help="RL on the built-in shapes model: held-out accuracy before and after (CPU, minutes)",
+    p = sub.add_parser("demo",
+                       help="RL on the built-in shapes model: held-out accuracy before and after (CPU, minutes)",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--output-dir", default="runs/demo", help="where the summary, plots and grids go (default runs/demo)")
+    p.add_argument("--output-dir", default="runs/demo",
+                   help="where the summary, plots and grids go (default runs/demo)")
     p.add_argument("--minutes", type=float, default=None,
                    help="training time cap (default: the preset's; shapes-nft trains 60 epochs, ~5 min on 2 cores)")
-    p.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts evaluated before and after (max 200)")
+    p.add_argument("--eval-prompts", type=int, default=200,
+                   help="held-out prompts evaluated before and after (max 200)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

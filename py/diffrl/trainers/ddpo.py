@@ -35,7 +35,8 @@ class DDPOTrainer(BaseTrainer):
 
         if get_adapter(pipe).kind != "ddim":  # say it in trainer terms, not the sampler's
             raise ValueError(f"DDPOTrainer trains DDIM/UNet pipelines (SD 1.5, SDXL); {type(pipe).__name__} is a "
-                             "rectified-flow model: train it with GRPOTrainer (trainer: grpo) or NFTTrainer (trainer: nft)")
+                             "rectified-flow model: train it with GRPOTrainer (trainer: grpo) or NFTTrainer "
+                             "(trainer: nft)")
         return DDIMSampler(pipe, eta=self.config.eta)
 
     def compute_advantages(self, rewards, group_ids, prompts):
