@@ -342,7 +342,9 @@ def test_rollout_index_split_cat_to(pipes):
     assert both.prompts[-1] == "a green triangle"
     torch.testing.assert_close(both.embeddings()["text_embeds"][-2:], other.embeddings()["text_embeds"])
     out = sampler.score(both, 2)
-    assert torch.equal(out.log_prob, both.log_probs[:, 2])
+    # re-scored in a batch of 8 where it was sampled in batches of 6 and 2: the CPU BLAS may block the
+    # UNet's matmuls differently (one thread: ~1e-7 relative); a wrong embedding row would be O(1)
+    torch.testing.assert_close(out.log_prob, both.log_probs[:, 2], rtol=1e-6, atol=1e-5)
     moved = r.to("cpu")
     assert torch.equal(moved.latents, r.latents) and moved.device.type == "cpu"
     with pytest.raises(ValueError, match="schedule"):

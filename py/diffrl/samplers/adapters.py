@@ -452,10 +452,29 @@ def _resolve(cls):
 
         module, _, name = cls.partition(":")
         try:
-            return getattr(importlib.import_module(module), name)
+            with _quiet_transformers():
+                return getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError):
             return None
     return cls
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Importing a diffusers pipeline class to compare it with the user's pipe makes transformers
+    warn that its image processors fall back to PIL without torchvision: true, and irrelevant here
+    (the user's pipeline is already built), so say nothing while we look the class up."""
+    try:
+        from transformers.utils import logging as tlog  # noqa: PLC0415
+    except ImportError:
+        yield
+        return
+    level = tlog.get_verbosity()
+    tlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(level)
 
 
 # lookup order is the list's order; the built-in classes are unrelated, so their order is immaterial
