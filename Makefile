@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 # (NVRTC at the release of the toolkit's nvcc, 13.0, so tests/test_cupy.py compares like with like).
 PINS ?= torch==2.13.0 triton==3.7.1 diffusers==0.42.1 transformers==5.23.0 accelerate==1.15.0 peft==0.21.2 \
         safetensors==0.8.0 pybind11==3.1.0 nvidia-cuda-nvrtc==13.0.88 matplotlib==3.11.2 \
-        tensorboard==2.21.0
+        tensorboard==2.21.0 deepspeed==0.19.8
 STAMP := $(VENV)/.diffrl-installed
 NATIVE := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh)
 

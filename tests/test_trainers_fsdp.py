@@ -177,8 +177,6 @@ def test_unsupported_set_ups_are_clear_errors(tmp_path, monkeypatch):
                                **kw)
 
     cfg = GRPOConfig(prompts=["a"], pretrained="tiny:sd3", prompts_per_epoch=2, output_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="DeepSpeed is not supported"):
-        GRPOTrainer(cfg, accelerator=acc(DistributedType.DEEPSPEED))
     with pytest.raises(ValueError, match="FSDP1 is not supported"):
         GRPOTrainer(cfg, accelerator=acc(DistributedType.FSDP, is_fsdp2=False))
     # under FSDP each model call is a collective: the ranks must sample equal shares
@@ -187,6 +185,7 @@ def test_unsupported_set_ups_are_clear_errors(tmp_path, monkeypatch):
                     accelerator=acc(DistributedType.FSDP, is_fsdp2=True))
     assert uses_fsdp2(acc(DistributedType.FSDP, is_fsdp2=True))
     assert not uses_fsdp2(acc(DistributedType.MULTI_CPU))
+    assert not uses_fsdp2(acc(DistributedType.DEEPSPEED))  # (tests/test_trainers_deepspeed.py)
     # `accelerate launch --use_fsdp` on a CPU: accelerate runs data-parallel, which is said
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.warns(UserWarning, match="asked for FSDP but runs without it"):

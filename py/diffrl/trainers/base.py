@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from diffrl.trainers import deepspeed as ds
 from diffrl.trainers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from diffrl.trainers.config import TrainConfig, _check, config_to_dict
 from diffrl.trainers.fsdp import (clip_grad_norm, full_optimizer_state, full_tensor, reshard, shard_like,
@@ -160,6 +161,7 @@ class BaseTrainer:
         self.device = acc.device
         self.rank, self.world = acc.process_index, acc.num_processes
         self.fsdp = uses_fsdp2(acc)  # the denoiser's parameters are DTensor shards (see diffrl.trainers.fsdp)
+        self.zero = ds.zero_stage(acc)  # DeepSpeed ZeRO 1/2: the trainer drives the engine (diffrl.trainers.deepspeed)
         if self.fsdp and cfg.prompts_per_epoch % self.world:
             # every model call is a collective: the ranks must sample the same number of batches
             raise ValueError(f"under FSDP prompts_per_epoch ({cfg.prompts_per_epoch}) must be a multiple of the "
@@ -219,6 +221,8 @@ class BaseTrainer:
                              f"{list(cfg.lora_target_modules) or DEFAULT_LORA_TARGETS} in the {self.denoiser_name}")
         self.optimizer = torch.optim.AdamW(list(self.trainable.values()), lr=cfg.lr, betas=tuple(cfg.adam_betas),
                                            weight_decay=cfg.adam_weight_decay, eps=cfg.adam_eps)
+        if self.zero:
+            ds.configure(acc, cfg)  # clipping and batch entries of the DeepSpeed config, from this config
         self.model, self.optimizer = acc.prepare(raw, self.optimizer)
         self.raw_model = raw
         if self.fsdp:
@@ -232,10 +236,10 @@ class BaseTrainer:
         # horizon is config.epochs: a run resumed with more epochs stretches the rest of the decay
         self.total_optimizer_steps = cfg.epochs * self._optimizer_steps_per_epoch(self.rank)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            getattr(self.optimizer, "optimizer", self.optimizer),  # the torch optimizer inside accelerate's wrapper
+            ds.torch_optimizer(self.optimizer),  # the torch optimizer inside accelerate's (and DeepSpeed's) wrapper
             lr_factor(cfg.lr_scheduler, cfg.lr_warmup_steps, self.total_optimizer_steps))
         if self.model is not raw and isinstance(self.reference, str):
-            # wrapped (DDP): the sampler cannot switch the wrapper's adapters off; a module that runs
+            # wrapped (DDP, DeepSpeed): the sampler cannot switch the wrapper's adapters off; a module that runs
             # the raw model with its adapters off is the same reference policy
             self.reference = _AdaptersOff(raw)
         # EMA of the trained weights (float32 copies), updated after every optimizer step
@@ -409,12 +413,16 @@ class BaseTrainer:
                 group = min(cfg.gradient_accumulation_steps, len(batches) - (b - micro))
                 for j in range(n_terms):
                     sync = last_micro and j == n_terms - 1
-                    ctx = self.accelerator.no_sync(self.model) if not sync else contextlib.nullcontext()
+                    no_sync = not sync and not self.zero  # (DeepSpeed: the boundary flag of ds.backward)
+                    ctx = self.accelerator.no_sync(self.model) if no_sync else contextlib.nullcontext()
                     with ctx, self.accelerator.autocast():
                         loss, stats = self.minibatch_loss(state, sub, idx, j)
                     # backward even when non-finite: under DDP every rank must join the gradient
                     # all-reduce; the update is skipped below on every rank alike
-                    self.accelerator.backward(loss / (n_terms * group))
+                    if self.zero:
+                        ds.backward(self.model, loss / (n_terms * group), boundary=sync, finite=_finite(loss))
+                    else:
+                        self.accelerator.backward(loss / (n_terms * group))
                     if not _finite(loss):
                         bad_pending = True
                         continue
@@ -424,17 +432,21 @@ class BaseTrainer:
                     count += 1
                 micro += 1
                 if last_micro:
-                    params = list(self.trainable.values())
-                    grad_norm = (clip_grad_norm(self.accelerator, params, cfg.max_grad_norm) if self.fsdp else
-                                 self.accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
-                    bad_pending = bad_pending or (grad_norm is not None and not math.isfinite(float(grad_norm)))
-                    if self.world > 1:  # skip on every rank or on none, or the replicas drift apart
-                        flag = torch.tensor([float(bad_pending)], device=self.device)
-                        bad_pending = bool(self.accelerator.reduce(flag, "sum").item() > 0)
+                    if self.zero:  # the engine clips and steps, or skips a non-finite step on every rank
+                        applied, grad_norm = ds.step(self.model)
+                        bad_pending = not applied
+                    else:
+                        params = list(self.trainable.values())
+                        grad_norm = (clip_grad_norm(self.accelerator, params, cfg.max_grad_norm) if self.fsdp else
+                                     self.accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+                        bad_pending = bad_pending or (grad_norm is not None and not math.isfinite(float(grad_norm)))
+                        if self.world > 1:  # skip on every rank or on none, or the replicas drift apart
+                            flag = torch.tensor([float(bad_pending)], device=self.device)
+                            bad_pending = bool(self.accelerator.reduce(flag, "sum").item() > 0)
                     if bad_pending:  # skip the update: the weights stay those of the last good step
                         nonfinite += 1
                     else:
-                        self.optimizer.step()
+                        self.optimizer.step()  # (a no-op under DeepSpeed: the engine has stepped)
                         self.lr_scheduler.step()  # not on a skipped update: the schedule counts applied steps
                         self.global_step += 1
                         self._update_ema()
@@ -610,10 +622,14 @@ class BaseTrainer:
         self.accelerator.wait_for_everyone()
         path = None
         main = self.accelerator.is_main_process
-        if main or self.fsdp:  # under FSDP every rank joins the gathers of the shards
+        if main or self.fsdp or self.zero:  # under FSDP / ZeRO every rank joins the gathers
             weights = self.trained_weights()
-            optimizer = (full_optimizer_state(self.optimizer, keep=main) if self.fsdp
-                         else self.optimizer.state_dict())
+            if self.zero:
+                optimizer = ds.full_optimizer_state(self.optimizer, keep=main)
+            elif self.fsdp:
+                optimizer = full_optimizer_state(self.optimizer, keep=main)
+            else:
+                optimizer = self.optimizer.state_dict()
             ema = self._unsharded(self.ema) if self.ema is not None else None
         if main:
             states = {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler.state_dict(), **self.extra_state()}
@@ -643,7 +659,12 @@ class BaseTrainer:
             for n, t in target.items():  # (under FSDP: this rank's shard of the full tensor)
                 t.copy_(shard_like(ck["weights"][n].to(t.device, t.dtype), t))
         opt_state = ck["states"]["optimizer"]
-        self.optimizer.load_state_dict(sharded_optimizer_state(self.optimizer, opt_state) if self.fsdp else opt_state)
+        if self.zero:  # ZeRO's float32 master weights and flat moment partitions too
+            ds.load_weights(self.trainable, ck["weights"])
+            ds.load_optimizer_state(self.optimizer, opt_state)
+        else:
+            self.optimizer.load_state_dict(sharded_optimizer_state(self.optimizer, opt_state) if self.fsdp
+                                           else opt_state)
         if "lr_scheduler" in ck["states"]:
             self.lr_scheduler.load_state_dict(ck["states"]["lr_scheduler"])
         elif self.config.lr_scheduler != "constant" or self.config.lr_warmup_steps:

@@ -14,8 +14,8 @@ changes is that
   gradients) would not see shards written in place; :func:`reshard` comes first.
 
 FSDP1 (``FullyShardedDataParallel``) is refused: it wraps the model in another module whose
-parameters are flattened, so the pipeline's own model could no longer be called. So is DeepSpeed
-(see :func:`uses_fsdp2`).
+parameters are flattened, so the pipeline's own model could no longer be called (see
+:func:`uses_fsdp2`). DeepSpeed ZeRO is handled in :mod:`diffrl.trainers.deepspeed`.
 """
 
 from __future__ import annotations
@@ -31,17 +31,13 @@ __all__ = ["uses_fsdp2", "full_tensor", "shard_like", "full_optimizer_state", "s
 
 
 def uses_fsdp2(accelerator) -> bool:
-    """Whether ``accelerator`` shards the model with FSDP2; raises for the set-ups the trainers do not
-    support (FSDP1, DeepSpeed)."""
+    """Whether ``accelerator`` shards the model with FSDP2; raises for FSDP1, which the trainers do not
+    support."""
     from accelerate.utils import DistributedType  # noqa: PLC0415
 
     kind = getattr(accelerator, "distributed_type", None)
     if kind == DistributedType.DEEPSPEED:
-        # accelerate's DeepSpeed engine steps the optimizer inside backward(); the trainers take
-        # several backward passes per step, and clip, skip non-finite updates and step the LR
-        # schedule themselves
-        raise ValueError("DeepSpeed is not supported by the diffrl trainers; use FSDP2 (fsdp_version: 2 in the "
-                         "accelerate config) to shard the model")
+        return False  # (diffrl.trainers.deepspeed)
     if kind != DistributedType.FSDP:
         if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
             warnings.warn("accelerate was asked for FSDP but runs without it (accelerate enables FSDP only on GPUs "
