@@ -22,8 +22,8 @@ scale each pass themselves, and skip non-finite updates. So the trainers drive t
 * The LR schedule stays the trainer's ``LambdaLR`` on the torch optimizer that ZeRO wraps (ZeRO
   reads its ``lr`` at every step), stepped only after an applied step, as in a single-process run.
 * Checkpoints hold the single-process format: the full trained tensors (the parameters, whole on
-  every rank, as the sampler and ``ema_weights()`` see them) and a per-parameter optimizer state dict. ZeRO keeps the moments as one flat float32 partition per parameter group
-  and rank; :func:`full_optimizer_state` reassembles them (a collective) and
+  every rank, as the sampler and ``ema_weights()`` see them) and a per-parameter optimizer state
+  dict. ZeRO keeps the moments as one flat float32 partition per parameter group and rank; :func:`full_optimizer_state` reassembles them (a collective) and
   :func:`load_optimizer_state` cuts a full state back into this rank's partition. Loaded weights
   are written to the parameters and to ZeRO's float32 master copy (:func:`load_weights`), which is
   what the next step starts from.
