@@ -161,11 +161,13 @@ class BaseTrainer:
         self.device = acc.device
         self.rank, self.world = acc.process_index, acc.num_processes
         self.fsdp = uses_fsdp2(acc)  # the denoiser's parameters are DTensor shards (see diffrl.trainers.fsdp)
-        self.zero = ds.zero_stage(acc)  # DeepSpeed ZeRO 1/2: the trainer drives the engine (diffrl.trainers.deepspeed)
-        if self.fsdp and cfg.prompts_per_epoch % self.world:
+        self.zero = ds.zero_stage(acc)  # DeepSpeed ZeRO 1-3: the trainer drives the engine (diffrl.trainers.deepspeed)
+        # FSDP2 / ZeRO-3: the denoiser's parameters are partitioned, every model call gathers them (a collective)
+        self.partitioned = self.fsdp or self.zero == 3
+        if self.partitioned and cfg.prompts_per_epoch % self.world:
             # every model call is a collective: the ranks must sample the same number of batches
-            raise ValueError(f"under FSDP prompts_per_epoch ({cfg.prompts_per_epoch}) must be a multiple of the "
-                             f"number of processes ({self.world})")
+            raise ValueError(f"under {'FSDP' if self.fsdp else 'ZeRO-3'} prompts_per_epoch ({cfg.prompts_per_epoch}) "
+                             f"must be a multiple of the number of processes ({self.world})")
         steps = {self._optimizer_steps_per_epoch(r) for r in range(self.world)}
         if len(steps) > 1:  # DDP: every rank must join every gradient all-reduce, or the run hangs
             raise ValueError(f"prompts_per_epoch={cfg.prompts_per_epoch} over {self.world} processes gives the ranks "
@@ -179,8 +181,9 @@ class BaseTrainer:
         torch.manual_seed(cfg.seed)
         # frozen weights in the mixed-precision dtype (half the memory); trained ones stay float32 below
         weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.mixed_precision]
-        self.pipe = (pipeline if pipeline is not None
-                     else load_pipeline(cfg.pretrained, seed=cfg.seed, dtype=weight_dtype))
+        with ds.plain_init() if self.zero == 3 else contextlib.nullcontext():  # (only the denoiser is partitioned)
+            self.pipe = (pipeline if pipeline is not None
+                         else load_pipeline(cfg.pretrained, seed=cfg.seed, dtype=weight_dtype))
         self.pipe.to(self.device)
         if hasattr(self.pipe, "set_progress_bar_config"):
             self.pipe.set_progress_bar_config(disable=True)
@@ -204,6 +207,7 @@ class BaseTrainer:
                 self.reference = DISABLE_ADAPTERS  # the base weights are the reference policy
         else:
             if cfg.kl_coef > 0:  # full fine-tuning: a frozen copy of the initial weights is the reference
+                # (under ZeRO-3 a whole copy on every process: only the trained model is partitioned)
                 self.reference = copy.deepcopy(raw).requires_grad_(False).eval()
             raw.requires_grad_(True)
             if any(p.dtype != torch.float32 for p in raw.parameters()):  # (diffusers warns on a no-op .to)
@@ -242,8 +246,9 @@ class BaseTrainer:
             # wrapped (DDP, DeepSpeed): the sampler cannot switch the wrapper's adapters off; a module that runs
             # the raw model with its adapters off is the same reference policy
             self.reference = _AdaptersOff(raw)
-        # EMA of the trained weights (float32 copies), updated after every optimizer step
-        self.ema = ({n: p.detach().float().clone() for n, p in self.trainable.items()}
+        # EMA of the trained weights (float32 copies), updated after every optimizer step; under ZeRO-3 of
+        # this rank's partitions (ds.local), under FSDP of its shards
+        self.ema = ({n: ds.local(p).detach().float().clone() for n, p in self.trainable.items()}
                     if cfg.ema_decay > 0 else None)
         self.reward_fn = reward if reward is not None else self._build_reward()
         self.sampler = self.make_sampler(self.pipe)
@@ -468,7 +473,7 @@ class BaseTrainer:
             return
         d = self.config.ema_decay
         for n, p in self.trainable.items():
-            self.ema[n].mul_(d).add_(p.detach().float(), alpha=1 - d)
+            self.ema[n].mul_(d).add_(ds.local(p).detach().float(), alpha=1 - d)
 
     @contextlib.contextmanager
     def ema_weights(self):
@@ -476,24 +481,26 @@ class BaseTrainer:
         (evaluation, export); the trained weights are put back after it. Needs ``ema_decay > 0``."""
         if self.ema is None:
             raise ValueError("ema_weights() needs a run with ema_decay > 0")
-        saved = {n: p.detach().clone() for n, p in self.trainable.items()}
+        saved = {n: ds.local(p).detach().clone() for n, p in self.trainable.items()}
         try:
             self._reshard()
             with torch.no_grad():
                 for n, p in self.trainable.items():
-                    p.copy_(self.ema[n].to(p.dtype))
+                    ds.local(p).copy_(self.ema[n].to(p.dtype))
             yield self
         finally:
             self._reshard()
             with torch.no_grad():
                 for n, p in self.trainable.items():
-                    p.copy_(saved[n])
+                    ds.local(p).copy_(saved[n])
 
     def _reshard(self) -> None:
-        """Under FSDP, before the shards of the trained model are written in place: the next forward
-        must gather them again, not reuse the parameters a forward left unsharded."""
+        """Under FSDP / ZeRO-3, before the shards (partitions) of the trained model are written in place:
+        the next forward must gather them again, not reuse the parameters a forward left gathered."""
         if self.fsdp:
             reshard(self.raw_model)
+        elif self.zero == 3:
+            ds.release(self.raw_model)
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         """Epoch ``epoch`` (1-based): sample, reward, advantages, PPO; returns its metrics record."""
@@ -602,18 +609,25 @@ class BaseTrainer:
     def trained_weights(self) -> dict[str, torch.Tensor]:
         """The trained tensors by name (LoRA parameters, or the denoiser's state dict).
 
-        Under FSDP they are gathered from the shards, a collective that every rank must join; the
-        main process gets the full tensors (on the CPU), the other ranks an empty dict."""
-        src = self.trainable if self.config.use_lora else self.raw_model.state_dict()
+        Under FSDP / ZeRO-3 they are gathered from the shards, a collective that every rank must join;
+        the main process gets the full tensors (on the CPU), the other ranks an empty dict."""
+        src = self.trainable if self.config.use_lora else self.raw_model.state_dict(keep_vars=True)
         return self._unsharded(src)
 
-    def _unsharded(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if not self.fsdp:
+    def _unsharded(self, tensors: dict[str, torch.Tensor], params=None) -> dict[str, torch.Tensor]:
+        """``tensors`` whole (see trained_weights). ``params``: under ZeRO-3, the parameters whose
+        partitions ``tensors`` are (the EMA); otherwise ZeRO-3 parameters are gathered from their own."""
+        if not self.partitioned:
             return {n: t.detach() for n, t in tensors.items()}
         keep = self.accelerator.is_main_process
         out = {}
         for n, t in tensors.items():  # one tensor at a time: never the whole model gathered on a device
-            full = full_tensor(t.detach())
+            if self.fsdp:
+                full = full_tensor(t.detach())
+            elif params is not None:
+                full = ds.gather(params[n], t)
+            else:
+                full = ds.gather(t) if ds.partitioned(t) else t.detach()  # (buffers are whole)
             if keep:
                 out[n] = full.cpu()
         return out
@@ -625,12 +639,12 @@ class BaseTrainer:
         if main or self.fsdp or self.zero:  # under FSDP / ZeRO every rank joins the gathers
             weights = self.trained_weights()
             if self.zero:
-                optimizer = ds.full_optimizer_state(self.optimizer, keep=main)
+                optimizer = ds.full_optimizer_state(self.optimizer, list(self.trainable.values()), keep=main)
             elif self.fsdp:
                 optimizer = full_optimizer_state(self.optimizer, keep=main)
             else:
                 optimizer = self.optimizer.state_dict()
-            ema = self._unsharded(self.ema) if self.ema is not None else None
+            ema = self._unsharded(self.ema, params=self.trainable) if self.ema is not None else None
         if main:
             states = {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler.state_dict(), **self.extra_state()}
             if ema is not None:
@@ -649,20 +663,20 @@ class BaseTrainer:
             raise ValueError(f"{path}: checkpoint has use_lora={meta.get('use_lora')}, "
                              f"config has {self.config.use_lora}")
         self._reshard()
-        target = self.trainable if self.config.use_lora else dict(self.raw_model.state_dict())
+        target = self.trainable if self.config.use_lora else self.raw_model.state_dict(keep_vars=True)
         missing = set(target) - set(ck["weights"])
         extra = set(ck["weights"]) - set(target)
         if missing or extra:
             raise ValueError(f"{path}: checkpoint weights do not match the model (missing {sorted(missing)[:3]}, "
                              f"unexpected {sorted(extra)[:3]}); was it written with another lora_rank / targets?")
-        with torch.no_grad():
-            for n, t in target.items():  # (under FSDP: this rank's shard of the full tensor)
-                t.copy_(shard_like(ck["weights"][n].to(t.device, t.dtype), t))
         opt_state = ck["states"]["optimizer"]
-        if self.zero:  # ZeRO's float32 master weights and flat moment partitions too
-            ds.load_weights(self.trainable, ck["weights"])
-            ds.load_optimizer_state(self.optimizer, opt_state)
+        if self.zero:  # the parameters (ZeRO-3: partitions), ZeRO's float32 master weights and flat moments
+            ds.load_weights(target, ck["weights"])
+            ds.load_optimizer_state(self.optimizer, list(self.trainable.values()), opt_state)
         else:
+            with torch.no_grad():
+                for n, t in target.items():  # (under FSDP: this rank's shard of the full tensor)
+                    t.copy_(shard_like(ck["weights"][n].to(t.device, t.dtype), t))
             self.optimizer.load_state_dict(sharded_optimizer_state(self.optimizer, opt_state) if self.fsdp
                                            else opt_state)
         if "lr_scheduler" in ck["states"]:
@@ -676,7 +690,8 @@ class BaseTrainer:
             if "ema" not in ck["states"]:
                 raise ValueError(f"{path}: config has ema_decay > 0 but the checkpoint has no EMA weights")
             for n, t in ck["states"]["ema"].items():
-                self.ema[n].copy_(shard_like(t, self.ema[n]))
+                p = self.trainable[n]
+                self.ema[n].copy_(ds.cut(t, p, self.ema[n]) if ds.partitioned(p) else shard_like(t, self.ema[n]))
         self.epoch = int(meta["epoch"])
         self.global_step = int(meta.get("global_step", 0))
         self.nonfinite_streak = int(meta.get("nonfinite_streak", 0))
@@ -685,7 +700,7 @@ class BaseTrainer:
 
     def save_grid(self, epoch: int) -> Path | None:
         """One image per eval prompt, same noise every time, as ``<output_dir>/grids/epoch-NNNNNN.png``."""
-        if not self.accelerator.is_main_process and not self.fsdp:  # under FSDP every rank joins the model calls
+        if not self.accelerator.is_main_process and not self.partitioned:  # (FSDP, ZeRO-3: every rank joins)
             return None
         from PIL import Image  # noqa: PLC0415
 
