@@ -1,4 +1,4 @@
-"""Why does (or doesn't) GRPO move the shapes model? Three measurements behind docs/demo.md.
+"""Why does (or doesn't) GRPO move the shapes model? Three measurements behind docs/demo-experiments.md.
 
     python -m bench.diagnose_shapes_grpo stepvar  [--epochs 6]
         within-group reward std when only one step (or a window) is stochastic: which steps'

@@ -2,7 +2,7 @@
 
 GRPO (``GRPOTrainer``) pushes up the log-probability of the stochastic reverse steps that led to a good
 image. Its gradient is the sampled noise times the advantage, so in a latent of thousands of dimensions
-most of it is noise (docs/demo.md measures 0.1-1.6 % signal per 64-image batch on the shapes model).
+most of it is noise (docs/demo-experiments.md measures 0.1-1.6 % signal per 64-image batch on the shapes model).
 This trainer learns from the same rollouts and the same group-normalised advantages through the
 flow-matching loss instead: each sampled image ``x0`` is noised afresh, ``x_t = (1 - t) x0 + t eps``,
 and the model is pulled towards predicting the images with a positive advantage and pushed away
