@@ -122,7 +122,9 @@ class Adapter:
         raise NotImplementedError
 
     def set_timesteps(self, scheduler, num_inference_steps, latents, options):
-        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps  # noqa: PLC0415
+        with _quiet_transformers():  # (the module imports diffusers' IP-adapter loaders)
+            from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (  # noqa: PLC0415
+                retrieve_timesteps)
 
         return retrieve_timesteps(scheduler, num_inference_steps, self.device)[0]
 
@@ -300,8 +302,9 @@ class StableDiffusion3Adapter(Adapter):
                                          model_dtype(self.model), self.device, generator, latents)
 
     def set_timesteps(self, scheduler, num_inference_steps, latents, options):
-        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (  # noqa: PLC0415
-            calculate_shift, retrieve_timesteps)
+        with _quiet_transformers():
+            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (  # noqa: PLC0415
+                calculate_shift, retrieve_timesteps)
 
         kw = {}
         mu = options["mu"]
@@ -366,7 +369,8 @@ class FluxAdapter(Adapter):
 
     def set_timesteps(self, scheduler, num_inference_steps, latents, options):
         import numpy as np  # noqa: PLC0415
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps  # noqa: PLC0415
+        with _quiet_transformers():
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps  # noqa: PLC0415
 
         sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
         if getattr(scheduler.config, "use_flow_sigmas", False):
@@ -461,9 +465,9 @@ def _resolve(cls):
 
 @contextlib.contextmanager
 def _quiet_transformers():
-    """Importing a diffusers pipeline class to compare it with the user's pipe makes transformers
-    warn that its image processors fall back to PIL without torchvision: true, and irrelevant here
-    (the user's pipeline is already built), so say nothing while we look the class up."""
+    """Importing a diffusers pipeline module (to compare its class with the user's pipe, or for its
+    timestep helpers) makes transformers warn that its image processors fall back to PIL without
+    torchvision: true, and irrelevant here (no image processor is used), so say nothing meanwhile."""
     try:
         from transformers.utils import logging as tlog  # noqa: PLC0415
     except ImportError:
