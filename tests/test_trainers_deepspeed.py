@@ -145,6 +145,16 @@ def _close(a, b, what, rtol=1e-5, atol=1e-6):
         torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{what} {k}: {m}")
 
 
+def _same_optimizer_and_schedule(cz, cd):
+    """The optimizer state (per parameter) and LR schedule of a DeepSpeed checkpoint match the DDP run's."""
+    oz, od = cz["states"]["optimizer"], cd["states"]["optimizer"]
+    assert oz["param_groups"] == od["param_groups"] and oz["state"].keys() == od["state"].keys()
+    for i in od["state"]:
+        assert oz["state"][i].keys() == od["state"][i].keys()
+        _close(oz["state"][i], od["state"][i], f"optimizer state {i}")
+    assert cz["states"]["lr_scheduler"] == cd["states"]["lr_scheduler"]
+
+
 def _run(tmp_path, modes, over):
     """Runs of ``over`` in each mode, side by side: {mode: (output dir, rank 0's results, metrics records)}."""
     launched = {m: _launch(tmp_path, m, over) for m in modes}
@@ -196,12 +206,7 @@ def test_zero2_full_finetuning_matches_ddp_resumes_and_writes_full_checkpoints(t
     _close(cz["states"]["ema"], cd["states"]["ema"], "checkpoint ema")
     assert all(torch.equal(z["ema_inside"][k], v) for k, v in cz["states"]["ema"].items())
     assert all(torch.equal(cz["weights"][k], z["weights"][k]) for k in initial)
-    oz, od = cz["states"]["optimizer"], cd["states"]["optimizer"]
-    assert oz["param_groups"] == od["param_groups"] and oz["state"].keys() == od["state"].keys()
-    for i in od["state"]:
-        assert oz["state"][i].keys() == od["state"][i].keys()
-        _close(oz["state"][i], od["state"][i], f"optimizer state {i}")
-    assert cz["states"]["lr_scheduler"] == cd["states"]["lr_scheduler"]
+    _same_optimizer_and_schedule(cz, cd)
 
     # a single-process trainer resumes from the DeepSpeed checkpoint and samples what rank 0 sampled
     single = _fresh(tmp_path, _FULL, name="zero2", resume=True)
@@ -288,12 +293,7 @@ def test_zero3_full_finetuning_matches_ddp_resumes_and_writes_full_checkpoints(t
     _close(cz["states"]["ema"], cd["states"]["ema"], "checkpoint ema")
     assert all(torch.equal(z["ema_inside"][k], v) for k, v in cz["states"]["ema"].items())
     assert any(not torch.equal(z["ema_inside"][k], z["weights"][k]) for k in initial)
-    oz, od = cz["states"]["optimizer"], cd["states"]["optimizer"]
-    assert oz["param_groups"] == od["param_groups"] and oz["state"].keys() == od["state"].keys()
-    for i in od["state"]:
-        assert oz["state"][i].keys() == od["state"][i].keys()
-        _close(oz["state"][i], od["state"][i], f"optimizer state {i}")
-    assert cz["states"]["lr_scheduler"] == cd["states"]["lr_scheduler"]
+    _same_optimizer_and_schedule(cz, cd)
 
     single = _fresh(tmp_path, _FULL, name="zero3", resume=True)
     assert single.resumed_from == 2 and single.zero is None
