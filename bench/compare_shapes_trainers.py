@@ -1,16 +1,18 @@
 """Trainer options compared on the shapes task: held-out accuracy against training time.
 
     .venv/bin/python -m bench.compare_shapes_trainers [--epochs 60] [--eval-every 20] [--eval-prompts 200]
-        [--seeds 0,1] [--jobs 2] [--variants grpo,grpo-global-std,...] [--device cpu]
+        [--eval-images 4] [--seeds 0,1] [--jobs 2] [--variants grpo,grpo-global-std,...] [--device cpu]
 
 Every variant starts from the packaged shapes model and trains with ``GRPOTrainer`` (``NFTTrainer``
 for ``nft``) against ``ShapesReward`` for the same number of epochs (8 prompts x 8 images each, so
 every variant sees the same number of sampled images; lr schedules span those epochs). The held-out
-accuracy (the ``diffrl demo`` evaluation: 200 fixed prompts never trained on, fixed noise seeds, 20
-Euler steps, CFG 4) is measured at the start and every ``--eval-every`` epochs: ``accuracy`` of the
-EMA of the trained weights (decay 0.98, as the presets), ``accuracy_raw`` of the trained weights. Training time is the process's CPU time on a CPU (each run
-has one thread, so it is the run's wall time on an idle core however busy the machine is; ``--jobs 2``
-runs two at once on a 2-core machine) and wall time on a GPU; evaluations are not counted. The spread
+accuracy (the ``diffrl demo`` evaluation: 200 fixed prompts never trained on, ``--eval-images`` images
+per prompt from fixed noise seeds, 20 Euler steps, CFG 4) is measured at the start and every
+``--eval-every`` epochs: ``accuracy`` of the EMA of the trained weights (decay 0.98, as the presets),
+``accuracy_raw`` of the trained weights.
+Training time is the process's CPU time on a CPU (each run has one thread, so it is the run's wall time
+on an idle core however busy the machine is; ``--jobs 2`` runs two at once on a 2-core machine) and wall
+time on a GPU; evaluations are not counted. The spread
 between seeds is as large as most differences here (docs/demo.md): read the seeds' mean and range.
 
 Variants (all else as the ``shapes-grpo`` preset):
@@ -25,10 +27,11 @@ grpo-tracker            DDPO's per-prompt stat tracker for the advantages (histo
 nft                     the ``shapes-nft`` preset (the demo's default): forward-process training
                         (advantage-weighted flow matching on deterministic samples), cosine lr
 
-Appends one row per evaluation to ``bench/results/<device>/shapes_trainers.csv`` as each run
-ends (so seeds can be added by later invocations; delete the file to start afresh), then writes the
-report of every row in it: ``shapes_trainers.md`` (a summary: accuracy at the last epoch per
-variant, mean and range over seeds; then every evaluation) and ``shapes_trainers.png`` (accuracy
+Appends one row per evaluation to ``bench/results/<device>/shapes_trainers_<K>img.csv`` (K images per
+prompt; ``shapes_trainers.csv`` for K = 1) as each run ends (so seeds can be added by later invocations;
+delete the file to start afresh), then writes the report of every row in it: ``<same name>.md`` (a
+summary: accuracy at the last epoch per variant, mean and range over seeds; then every evaluation)
+and ``<same name>.png`` (accuracy
 against training time, the mean over seeds per variant, seeds as faint lines). ``--report-only``
 rewrites the report from the CSV without training.
 """
@@ -85,7 +88,7 @@ def make_trainer(values: dict, tracker: bool, kind: str = "grpo"):
 
 def run_variant(job: tuple) -> list[dict]:
     """Train variant ``name`` with run seed ``seed`` for ``epochs`` epochs; one row per evaluation."""
-    name, seed, epochs, eval_every, eval_prompts, device, threads = job
+    name, seed, epochs, eval_every, eval_prompts, eval_images, device, threads = job
     torch.set_num_threads(threads)
     from diffrl.models.shapes_eval import evaluate, heldout_prompts  # noqa: PLC0415
     from diffrl.rewards import ShapesReward  # noqa: PLC0415
@@ -102,18 +105,20 @@ def run_variant(job: tuple) -> list[dict]:
         reward, prompts = ShapesReward(), heldout_prompts(eval_prompts)
 
         def record(train_s, epoch):
-            raw, _ = evaluate(trainer.pipe, prompts, reward)
+            raw, _ = evaluate(trainer.pipe, prompts, reward, images_per_prompt=eval_images)
             res = raw
             if trainer.ema is not None and epoch > 0:  # the presets' result is the EMA of the trained weights
                 with trainer.ema_weights():
-                    res, _ = evaluate(trainer.pipe, prompts, reward)
+                    res, _ = evaluate(trainer.pipe, prompts, reward, images_per_prompt=eval_images)
+            relation = res.get("relation_on_relation_prompts", float("nan"))
             rows.append({"variant": name, "seed": seed, "epoch": epoch, "train_s": round(train_s, 1),
-                         "accuracy": res["accuracy"], "accuracy_raw": raw["accuracy"], "reward": round(res["reward"], 4),
-                         "count": round(res["count"], 4), "colour": round(res["colour"], 4),
-                         "shape": round(res["shape"], 4),
-                         "relation_on_relation_prompts": round(res.get("relation_on_relation_prompts", float("nan")), 4)})
+                         "accuracy": res["accuracy"], "accuracy_raw": raw["accuracy"],
+                         "reward": round(res["reward"], 4), "count": round(res["count"], 4),
+                         "colour": round(res["colour"], 4), "shape": round(res["shape"], 4),
+                         "relation_on_relation_prompts": round(relation, 4)})
             print(f"  {name:18s} seed {seed}  epoch {epoch:4d}  {train_s / 60:5.2f} min  held-out accuracy "
-                  f"{res['accuracy']:.3f} (trained weights {raw['accuracy']:.3f})  reward {res['reward']:.3f}", flush=True)
+                  f"{res['accuracy']:.3f} (trained weights {raw['accuracy']:.3f})  reward {res['reward']:.3f}",
+                  flush=True)
 
         # CPU time of this process: unaffected by other runs on the machine (one thread per run)
         clock = time.process_time if on_cpu else time.perf_counter
@@ -210,6 +215,10 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=60, help="training epochs per variant (64 images each)")
     ap.add_argument("--eval-every", type=int, default=20, help="epochs between held-out evaluations")
     ap.add_argument("--eval-prompts", type=int, default=200)
+    ap.add_argument("--eval-images", type=int, default=4,
+                    help="images per held-out prompt (seed sets; default 4). One image per prompt moves the "
+                         "accuracy by ~3 points from seed set to seed set; 1 writes shapes_trainers.csv (the "
+                         "first comparison), K > 1 shapes_trainers_<K>img.csv")
     ap.add_argument("--seeds", default="0", help="comma-separated run seeds (prompt order, noise)")
     ap.add_argument("--jobs", type=int, default=1, help="runs at once, one thread each (CPU)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
@@ -222,8 +231,8 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    if args.epochs < 1 or args.jobs < 1 or not seeds:
-        ap.error("--epochs and --jobs must be >= 1 and --seeds must name at least one seed")
+    if args.epochs < 1 or args.jobs < 1 or args.eval_images < 1 or not seeds:
+        ap.error("--epochs, --jobs and --eval-images must be >= 1 and --seeds must name at least one seed")
     device = torch.device(args.device)
     if device.type == "cuda" and args.jobs > 1:
         ap.error("--jobs > 1 is for CPUs (one thread per run); on a GPU run the variants one after another")
@@ -232,15 +241,16 @@ def main(argv=None) -> int:
     meta = harness.collect_metadata(ctx)
     folder = Path(args.out) / harness.device_slug(device)
     folder.mkdir(parents=True, exist_ok=True)
-    csv_path = folder / "shapes_trainers.csv"
+    stem = "shapes_trainers" if args.eval_images == 1 else f"shapes_trainers_{args.eval_images}img"
+    csv_path = folder / f"{stem}.csv"
     if not args.report_only:
         # seeds outer: an interrupted comparison still has whole seeds
-        jobs = [(n, s, args.epochs, args.eval_every, args.eval_prompts, args.device, threads)
+        jobs = [(n, s, args.epochs, args.eval_every, args.eval_prompts, args.eval_images, args.device, threads)
                 for s in seeds for n in names]
         print(f"[shapes_trainers] {len(jobs)} runs ({len(names)} variants x {len(seeds)} seeds) of {args.epochs} "
               f"epochs, {args.jobs} at a time, {threads} thread each; rows go to {csv_path}", flush=True)
         stamp = json.dumps({k: meta.get(k) for k in ("git_commit", "date", "torch", "loadavg_1m")}
-                           | {"threads": threads, "eval_prompts": args.eval_prompts})
+                           | {"threads": threads, "eval_prompts": args.eval_prompts, "eval_images": args.eval_images})
         if args.jobs > 1:
             pool = multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=1)
             results = pool.imap_unordered(run_variant, jobs, chunksize=1)
@@ -255,16 +265,19 @@ def main(argv=None) -> int:
     if not rows:
         ap.error(f"no rows in {csv_path}")
     clock = "CPU time of one thread" if device.type == "cpu" else "wall time"
-    md = (harness.markdown_header("shapes_trainers", meta)
-          + f"\nTraining time: {clock} (evaluations not counted). Accuracy: held-out prompts (the demo's), EMA "
+    md = (harness.markdown_header("shapes_trainers", meta, kernel_timing=False)
+          + f"\nTraining time: {clock} (evaluations not counted). Accuracy: held-out prompts (the demo's), "
+          f"{args.eval_images} image(s) per prompt, EMA "
           "of the trained weights; `accuracy_raw` / `trained_weights_mean`: the trained weights themselves.\n\n"
           + "Summary (last epoch; mean and range over seeds):\n\n" + harness.markdown_table(summarize(rows))
-          + "\nEvery evaluation:\n\n" + harness.markdown_table([{k: v for k, v in r.items() if k != "meta"} for r in rows])
+          + "\nEvery evaluation:\n\n"
+          + harness.markdown_table([{k: v for k, v in r.items() if k != "meta"} for r in rows])
           + "\nRuns (the CSV's `meta`): " + "; ".join(sorted({r["meta"] for r in rows})) + "\n")
-    (folder / "shapes_trainers.md").write_text(md)
+    (folder / f"{stem}.md").write_text(md)
     epochs = max(r["epoch"] for r in rows)
-    plot(rows, folder / "shapes_trainers.png",
-         f"shapes task: held-out accuracy, {epochs} epochs of 64 images, {meta['device_name']}",
+    plot(rows, folder / f"{stem}.png",
+         f"shapes task: held-out accuracy ({args.eval_images} image(s) per prompt), {epochs} epochs of 64 images, "
+         f"{meta['device_name']}",
          f"training time (min, {clock})")
     print(md)
     return 0

@@ -524,7 +524,9 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown_header(op: str, meta: dict) -> str:
+def markdown_header(op: str, meta: dict, kernel_timing: bool = True) -> str:
+    """The report's title and run metadata; ``kernel_timing=False`` leaves out the lines that describe the
+    kernel benchmarks' timing and columns (for reports that time something else, e.g. training runs)."""
     dirty = " (dirty tree)" if meta.get("git_dirty") else ""
     parts = [
         f"# {op} on {meta.get('device_name')}",
@@ -535,12 +537,16 @@ def markdown_header(op: str, meta: dict) -> str:
         f"- extension: {meta.get('diffrl_build')}",
         (f"- torch threads: {meta.get('threads')}, 1-min load average at start: {meta.get('loadavg_1m')}, "
          f"CPU allocator: {meta.get('cpu_malloc')}"),
-        f"- timing: median (p20-p80) over repetitions filling {meta.get('budget_s')} s per measurement"
-        + (f", L2 flushed before each repetition: {meta.get('flush_l2')}" if meta.get("device_type") == "cuda" else ""),
-        ("- columns: see bench/README.md (MB moved = minimum bytes the fused op reads + writes; "
-         "% of copy = GB/s / copy GB/s of the same traffic; x eager = eager median / this median)"),
-        "",
     ]
+    if kernel_timing:
+        parts += [
+            f"- timing: median (p20-p80) over repetitions filling {meta.get('budget_s')} s per measurement"
+            + (f", L2 flushed before each repetition: {meta.get('flush_l2')}" if meta.get("device_type") == "cuda"
+               else ""),
+            ("- columns: see bench/README.md (MB moved = minimum bytes the fused op reads + writes; "
+             "% of copy = GB/s / copy GB/s of the same traffic; x eager = eager median / this median)"),
+        ]
+    parts.append("")
     return "\n".join(parts) + "\n"
 
 

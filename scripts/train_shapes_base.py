@@ -9,10 +9,10 @@ of A"): the reported accuracy is on prompts the model never saw.
 
 Objective: rectified flow, ``x_t = (1 - t) x0 + t eps`` with x0 the image in [-1, 1]. The model
 returns the velocity ``v = eps - x0`` (what samplers use); by default (``prediction="x0"``) the network
-predicts x0 and ``v = (x_t - x0_hat) / t``, trained with the MSE on x0. t is logit-normal(0, 1) (SD3's choice: more weight on mid noise
-levels, where layout and counts are decided). The prompt is replaced by "" with probability
-``--cfg-dropout`` so the model also learns the null condition for classifier-free guidance. AdamW with
-linear warmup and cosine decay; an EMA of the weights is what gets evaluated and saved.
+predicts x0 and ``v = (x_t - x0_hat) / t``, trained with the MSE on x0. t is logit-normal(0, 1) (SD3's
+choice: more weight on mid noise levels, where layout and counts are decided). The prompt is replaced
+by "" with probability ``--cfg-dropout`` so the model also learns the null condition for classifier-free
+guidance. AdamW with linear warmup and cosine decay; an EMA of the weights is what gets evaluated and saved.
 
 The run stops after ``--steps`` steps or ``--max-minutes`` of wall time, whichever comes first, or
 early once the held-out accuracy reaches ``--stop-at-accuracy`` (the base model is meant to be
@@ -21,8 +21,8 @@ held-out prompts (fixed seeds, ``--eval-steps`` Euler steps, CFG ``--eval-cfg``)
 :class:`diffrl.rewards.ShapesReward`.
 
 Outputs: the pipeline folder (``save_pretrained``, safetensors) in ``--output-dir`` (default
-``runs/shapes_base``; the packaged model is ``py/diffrl/models/shapes_base``) and ``train_log.json`` beside it (config, steps, wall time,
-loss curve, eval history, final eval).
+``runs/shapes_base``; the packaged model is ``py/diffrl/models/shapes_base``) and ``train_log.json``
+beside it (config, steps, wall time, loss curve, eval history, final eval).
 
 GPU: ``--device cuda --workers N`` renders the batches in N background processes;
 ``scripts/gpu_train_shapes.sh`` trains several candidates side by side on one lent GPU.
@@ -218,7 +218,8 @@ def main(argv=None):
             stop_reason = "time"
             break
         if step % args.eval_every == 0:
-            res, _ = evaluate(ema_pipe, eval_prompts[:args.eval_prompts], reward, steps=args.eval_steps, cfg=args.eval_cfg)
+            res, _ = evaluate(ema_pipe, eval_prompts[:args.eval_prompts], reward, steps=args.eval_steps,
+                              cfg=args.eval_cfg)
             res.update(step=step, wall_s=time.time() - t_start, n_prompts=args.eval_prompts, loss_ema=ema_loss)
             log["evals"].append(res)
             tqdm.write(f"step {step}: loss {ema_loss:.4f}  held-out acc {res['accuracy']:.3f}  "
@@ -234,7 +235,8 @@ def main(argv=None):
     bar.close()
     train_s = time.time() - t_start
 
-    res, images = evaluate(ema_pipe, eval_prompts[:args.final_eval_prompts], reward, steps=args.eval_steps, cfg=args.eval_cfg)
+    res, images = evaluate(ema_pipe, eval_prompts[:args.final_eval_prompts], reward, steps=args.eval_steps,
+                           cfg=args.eval_cfg)
     res.update(step=step, n_prompts=args.final_eval_prompts, sampler=f"Euler {args.eval_steps} steps, "
                f"cfg {args.eval_cfg}, one image per prompt, noise seed = prompt index")
     log.update(final_eval=res, steps=step, train_wall_s=train_s, total_wall_s=time.time() - t_start,

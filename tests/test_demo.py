@@ -54,12 +54,17 @@ def test_packaged_model_under_flow_sampler():
 def test_demo_writes_its_files(tmp_path, preset):
     out = tmp_path / "demo"
     s = run_demo(out, minutes=5, eval_prompts=6, progress=False, overrides={**TINY_RUN, "epochs": 2}, preset=preset,
-                 eval_every=1)
+                 eval_every=1, eval_images=2)
     for f in ("summary.json", "before.png", "after.png", "prompts.txt", "metrics.jsonl", "reward_curve.png"):
         assert (out / f).is_file(), f
     saved = json.loads((out / "summary.json").read_text())
     assert saved["accuracy_before"] == s["accuracy_before"] and 0 <= saved["accuracy_after"] <= 1
     assert saved["epochs"] == 2 and set(saved["before"]) >= {"count", "colour", "shape", "relation", "reward"}
+    # two images per prompt: the accuracy is the mean of the two seed sets'
+    assert saved["eval_images_per_prompt"] == 2
+    for res in (saved["before"], saved["after"], saved["after_raw_weights"]):
+        assert len(res["accuracy_per_seed_set"]) == 2
+        assert res["accuracy"] == pytest.approx(sum(res["accuracy_per_seed_set"]) / 2)
     # one held-out evaluation between the two epochs (eval_every=1), none after the last
     assert [m["epoch"] for m in saved["during_training"]] == [1] and 0 <= saved["during_training"][0]["accuracy"] <= 1
     assert saved["config"]["max_minutes"] == 5  # the chunked training restores the budget it was given
@@ -71,6 +76,9 @@ def test_demo_writes_its_files(tmp_path, preset):
         run_demo(out, minutes=0.01, eval_prompts=2, progress=False, overrides=TINY_RUN)
     with pytest.raises(ValueError, match="presets"):
         run_demo(tmp_path / "other", minutes=0.01, eval_prompts=2, progress=False, preset="tiny-sd3-jpeg")
+    for bad in (0, 2.0):
+        with pytest.raises(ValueError, match="eval_images"):
+            run_demo(tmp_path / "other", minutes=0.01, eval_prompts=2, progress=False, eval_images=bad)
 
 
 def test_demo_cli_help(capsys):

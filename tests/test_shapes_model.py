@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffrl.models.shapes import random_prompt
+from diffrl.models.shapes import parse_prompt, random_prompt
 from diffrl.models.shapes_model import (ShapesDiT, ShapesPipeline, ShapesTextEncoder, ShapesTokenizer, build_pipeline,
                                         default_vocab)
 
@@ -201,3 +201,39 @@ def test_packaged_model_loads_and_samples():
     imgs = pipe(["a red circle", "two blue squares"], num_inference_steps=4, guidance_scale=4.0,
                 generator=torch.Generator().manual_seed(0)).images
     assert imgs.shape == (2, 3, 32, 32) and imgs.min() >= 0 and imgs.max() <= 1
+
+
+def test_evaluate_seed_sets_match_single_image_evaluations():
+    """``evaluate(images_per_prompt=K)``: seed set 0 is the one-image evaluation, set k the same prompts
+    from seeds i + SEED_SET_STRIDE * k, and the metrics are the reward's means over all K * N images."""
+    from diffrl.models.shapes_eval import SEED_SET_STRIDE, evaluate
+    from diffrl.rewards import ShapesReward
+
+    pipe = _tiny()
+    pipe.set_progress_bar_config(disable=True)
+    rng = random.Random(random.randrange(2**31))
+    prompts = [random_prompt(rng) for _ in range(5)]  # odd size, split over batches of 2
+    reward = ShapesReward()
+    res1, img1 = evaluate(pipe, prompts, reward, steps=3, batch=2)
+    res3, img3 = evaluate(pipe, prompts, reward, images_per_prompt=3, steps=3, batch=2)
+    assert img1.shape == (5, 3, 32, 32) and img3.shape == (15, 3, 32, 32)
+    torch.testing.assert_close(img3[:5], img1)
+    for k in (1, 2):  # set k: each image from its own seed, whatever the batch
+        for i in (0, 4):
+            one = pipe([prompts[i]], num_inference_steps=3, guidance_scale=4.0,
+                       generator=[torch.Generator().manual_seed(i + SEED_SET_STRIDE * k)]).images.float()
+            torch.testing.assert_close(img3[5 * k + i], one[0], atol=1e-5, rtol=1e-5)
+    scored = reward(img3, prompts * 3)
+    for h in reward.heads:
+        assert res3[h] == pytest.approx(scored[h].mean().item(), abs=1e-6)
+    assert res3["accuracy"] == res3["correct"]
+    assert res3["accuracy_per_seed_set"] == pytest.approx(scored["correct"].view(3, 5).mean(1).tolist())
+    assert res1["accuracy_per_seed_set"] == pytest.approx([res1["accuracy"]])
+    rel = [j for j, p in enumerate(prompts * 3) if parse_prompt(p).relation is not None]
+    if rel:
+        assert res3["relation_on_relation_prompts"] == pytest.approx(scored["relation"][rel].mean().item())
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="images_per_prompt"):
+            evaluate(pipe, prompts, reward, images_per_prompt=bad)
+    with pytest.raises(ValueError, match="no prompts"):
+        evaluate(pipe, [], reward)

@@ -36,7 +36,8 @@ def cmd_info(args) -> int:
     else:
         print(f"extension diffrl._C: missing ({_native.load()[1]})")
     if torch.cuda.is_available():
-        print(f"GPU: {torch.cuda.get_device_name()} (capability {'.'.join(map(str, torch.cuda.get_device_capability()))})")
+        capability = ".".join(map(str, torch.cuda.get_device_capability()))
+        print(f"GPU: {torch.cuda.get_device_name()} (capability {capability})")
     else:
         print("GPU: none visible to torch")
     print("backends:")

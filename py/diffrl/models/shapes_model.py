@@ -263,7 +263,8 @@ class ShapesDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
             feat = self.stem(x)
             tok = self.patch(feat).flatten(2).transpose(1, 2) + self.pos
         else:
-            tok = x.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
+            tok = x.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+            tok = tok.reshape(b, (h // p) * (w // p), c * p * p)
             tok = self.patch(tok) + self.pos
         t = torch.as_tensor(timestep, device=x.device).float().reshape(-1).expand(b)
         cond = self.t_mlp(timestep_embedding(t, self.config.dim)) + self.pool_mlp(pooled_projections)
@@ -343,7 +344,8 @@ class ShapesPipeline(DiffusionPipeline):
         uncond = None
         if do_classifier_free_guidance:
             neg = negative_prompt if negative_prompt is not None else ""
-            neg = [neg] * len(prompts) if isinstance(neg, str) else [n for n in neg for _ in range(num_images_per_prompt)]
+            neg = ([neg] * len(prompts) if isinstance(neg, str)
+                   else [n for n in neg for _ in range(num_images_per_prompt)])
             if len(neg) != len(prompts):
                 raise ValueError(f"got {len(neg)} negative prompts for {len(prompts)} images")
             uncond = self._text(neg, device)

@@ -252,7 +252,8 @@ def _check(cfg) -> None:
     need(cfg.clip_range > 0, "clip_range must be > 0")
     need(cfg.kl_coef >= 0, "kl_coef must be >= 0")
     need(cfg.adv_std in ("group", "global", "none"), f"adv_std must be group, global or none, got {cfg.adv_std!r}")
-    need(cfg.mixed_precision in ("no", "fp16", "bf16"), f"mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
+    need(cfg.mixed_precision in ("no", "fp16", "bf16"),
+         f"mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
     need(0 <= cfg.ema_decay < 1, "ema_decay must be in [0, 1)")
     need(cfg.keep_last >= 1, "keep_last must be >= 1")
     need(cfg.max_nonfinite >= 1, "max_nonfinite must be >= 1")
