@@ -30,7 +30,8 @@ HELDOUT_RESERVED = 200
 #: seed set k of an evaluation with several images per prompt seeds image i with i + SEED_SET_STRIDE * k
 SEED_SET_STRIDE = 10_000
 
-__all__ = ["EVAL_SEED", "HELDOUT_RESERVED", "SEED_SET_STRIDE", "heldout_prompts", "training_prompts", "evaluate", "save_grid"]
+__all__ = ["EVAL_SEED", "HELDOUT_RESERVED", "SEED_SET_STRIDE", "heldout_prompts", "training_prompts", "evaluate",
+           "save_grid"]
 
 
 def heldout_prompts(n: int) -> list[str]:
