@@ -9,8 +9,9 @@ Shared by ``scripts/train_shapes_base.py`` (pre-training), ``diffrl demo`` (befo
   trained on (the packaged base model was pre-trained with the same exclusion);
 - image ``i`` of an evaluation starts from the noise of ``torch.Generator().manual_seed(i)``, so it
   does not depend on the batch size or the device's generator; with several images per prompt, seed
-  set ``k`` uses seeds ``i + 10_000 k`` (one image per prompt scored 0.34 with the base model where 8 other
-  seed sets scored 0.375-0.43: read differences of a few points on one seed set as noise);
+  set ``k`` uses seeds ``i + 10_000 k``. One image per prompt is a noisy measure: 16 seed sets of the
+  base model score 0.33-0.43 (mean 0.39, standard deviation 0.03; set 0: 0.34), so a difference of a
+  few points on one seed set is chance;
 - sampling is the pipeline's own deterministic Euler sampler (``pipe(...)``), ``steps`` steps, CFG ``cfg``.
 """
 
