@@ -8,7 +8,6 @@ import dataclasses
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from PIL import Image
+
+from two_ranks import launch_two_ranks, wait_all
 
 from diffrl.cli import main
 from diffrl.ops import group_advantages
@@ -255,18 +256,7 @@ def test_two_processes_gloo_agree_with_gathered_advantages(tmp_path, preset):
     """Two CPU processes (gloo, DDP through accelerate): each samples its share of the prompts, the
     advantages are those of the gathered batch, and the ranks end with identical weights (GRPO and
     NFT: the same loop, different losses)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONWARNINGS": "ignore"}
-        procs.append(subprocess.Popen([sys.executable, "-c", _WORKER, str(tmp_path), preset], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    for p in procs:
-        out, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, out.decode()[-3000:]
+    wait_all(launch_two_ranks(_WORKER, [tmp_path, preset]))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     assert r0["world"] == 2 and r0["wrapped"]
     b0, b1 = r0["batch"], r1["batch"]

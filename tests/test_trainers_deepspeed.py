@@ -11,14 +11,12 @@ What a GPU run adds (NCCL, bf16/fp16 through DeepSpeed's config, offload) is not
 import importlib.util
 import inspect
 import json
-import os
-import socket
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
+
+from two_ranks import assert_close_dicts, images, launch_two_ranks, wait_all
 
 from diffrl.trainers import GRPOConfig, GRPOTrainer, get_preset, latest_checkpoint, load_checkpoint, load_config
 
@@ -34,16 +32,6 @@ _FULL = dict(num_inference_steps=1, epochs=2, prompts_per_epoch=4, save_every=1,
 _LORA = dict(num_inference_steps=2, epochs=2, prompts_per_epoch=4, save_every=1, keep_last=2, use_lora=True,
              lr=3e-3, kl_coef=0.01, ema_decay=0.5, train_batch_size=1, gradient_accumulation_steps=2,
              lr_scheduler="cosine")
-
-
-def images(tr):
-    """The eval prompts sampled with fixed noise, as floats."""
-    c = tr.config
-    with torch.no_grad():
-        return tr.sampler.sample(list(c.eval_prompts), num_images_per_prompt=1,
-                                 num_inference_steps=c.num_inference_steps, guidance_scale=c.guidance_scale,
-                                 height=c.resolution, width=c.resolution,
-                                 generator=torch.Generator().manual_seed(0)).images
 
 
 _WORKER = r"""
@@ -117,32 +105,10 @@ if tr.rank == 0:
 
 
 def _launch(tmp_path, mode, over):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / mode
     out.mkdir()
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONWARNINGS": "ignore",
-               "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-        procs.append(subprocess.Popen([sys.executable, "-c", _WORKER, mode, str(out), json.dumps(over),
-                                       inspect.getsource(images)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    return out, procs
-
-
-def _wait(procs):
-    for p in procs:
-        out, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, out.decode()[-4000:]
-
-
-def _close(a, b, what, rtol=1e-5, atol=1e-6):
-    assert a.keys() == b.keys(), what
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{what} {k}: {m}")
+    return out, launch_two_ranks(_WORKER, [mode, out, json.dumps(over), inspect.getsource(images)],
+                                 {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
 
 
 def _same_optimizer_and_schedule(cz, cd):
@@ -151,14 +117,14 @@ def _same_optimizer_and_schedule(cz, cd):
     assert oz["param_groups"] == od["param_groups"] and oz["state"].keys() == od["state"].keys()
     for i in od["state"]:
         assert oz["state"][i].keys() == od["state"][i].keys()
-        _close(oz["state"][i], od["state"][i], f"optimizer state {i}")
+        assert_close_dicts(oz["state"][i], od["state"][i], f"optimizer state {i}")
     assert cz["states"]["lr_scheduler"] == cd["states"]["lr_scheduler"]
 
 
 def _run(tmp_path, modes, over):
     """Runs of ``over`` in each mode, side by side: {mode: (output dir, rank 0's results, metrics records)}."""
     launched = {m: _launch(tmp_path, m, over) for m in modes}
-    _wait([p for _, procs in launched.values() for p in procs])
+    wait_all([p for _, procs in launched.values() for p in procs])
     return {m: (o, torch.load(o / "rank0.pt", weights_only=False),
                 [json.loads(x) for x in (o / "metrics.jsonl").read_text().splitlines()])
             for m, (o, _) in launched.items()}
@@ -194,16 +160,16 @@ def test_zero2_full_finetuning_matches_ddp_resumes_and_writes_full_checkpoints(t
         assert rz["grad_norm"] == pytest.approx(rd["grad_norm"], rel=1e-4)
         assert rz["grad_norm"] > _FULL["max_grad_norm"]  # so clipping was active (in DeepSpeed's engine)
 
-    _close(z["weights"], d["weights"], "weights")
+    assert_close_dicts(z["weights"], d["weights"], "weights")
     initial = _fresh(tmp_path, _FULL).trained_weights()
     assert z["weights"].keys() == initial.keys()
     assert max((z["weights"][k] - initial[k]).abs().max().item() for k in initial) > 1e-4
-    _close(z["frozen"], d["frozen"], "frozen", rtol=0, atol=0)  # the VAE (and buffers) untouched
+    assert_close_dicts(z["frozen"], d["frozen"], "frozen", rtol=0, atol=0)  # the VAE (and buffers) untouched
 
     cz, cd = (load_checkpoint(latest_checkpoint(o / "checkpoints"), restore_rng=False) for o in (z_out, d_out))
     assert cz["meta"]["epoch"] == 2 and cz["states"].keys() == cd["states"].keys()
     assert {k: v.shape for k, v in cz["weights"].items()} == {k: v.shape for k, v in initial.items()}
-    _close(cz["states"]["ema"], cd["states"]["ema"], "checkpoint ema")
+    assert_close_dicts(cz["states"]["ema"], cd["states"]["ema"], "checkpoint ema")
     assert all(torch.equal(z["ema_inside"][k], v) for k, v in cz["states"]["ema"].items())
     assert all(torch.equal(cz["weights"][k], z["weights"][k]) for k in initial)
     _same_optimizer_and_schedule(cz, cd)
@@ -239,20 +205,20 @@ def test_zero1_and_zero3_lora_skip_a_nan_step_like_ddp(tmp_path):
                 (rd["optimizer_steps"], rd["skipped_updates"], rd["lr"])
         assert [r["skipped_updates"] for r in z_recs] == [0, 1]
         assert z_recs[1]["optimizer_steps"] >= 1
-        _close(z["weights"], d["weights"], f"{mode} weights")
+        assert_close_dicts(z["weights"], d["weights"], f"{mode} weights")
         assert max((z["weights"][k] - initial[k]).abs().max().item() for k in initial) > 1e-4
         assert z["frozen"].keys() == d["frozen"].keys() and len(z["frozen"]) > len(initial)
-        _close(z["frozen"], d["frozen"], f"{mode} base weights", rtol=0, atol=0)
+        assert_close_dicts(z["frozen"], d["frozen"], f"{mode} base weights", rtol=0, atol=0)
         assert all(torch.equal(z["frozen"][k], v) for k, v in base.items())  # LoRA: the base never moved
-        _close(z["ema_inside"], d["ema_inside"], f"{mode} ema")
+        assert_close_dicts(z["ema_inside"], d["ema_inside"], f"{mode} ema")
         # (epoch 2 skipped a step, so it is not checkpointed: the newest checkpoint is epoch 1's)
         cz = load_checkpoint(latest_checkpoint(z_out / "checkpoints"), restore_rng=False)
         assert cz["meta"]["epoch"] == cd["meta"]["epoch"] == 1
-        _close(cz["states"]["ema"], cd["states"]["ema"], f"{mode} checkpoint ema")
+        assert_close_dicts(cz["states"]["ema"], cd["states"]["ema"], f"{mode} checkpoint ema")
         oz, od = cz["states"]["optimizer"], cd["states"]["optimizer"]
         assert oz["param_groups"] == od["param_groups"]
         for i in od["state"]:
-            _close(oz["state"][i], od["state"][i], f"{mode} optimizer state {i}")
+            assert_close_dicts(oz["state"][i], od["state"][i], f"{mode} optimizer state {i}")
         assert (d["ema_images"] - d["trained_images"]).abs().max() > 1e-4
         for what in ("ema_images", "trained_images"):
             torch.testing.assert_close(z[what], d[what], rtol=0, atol=1e-5,
@@ -281,16 +247,16 @@ def test_zero3_full_finetuning_matches_ddp_resumes_and_writes_full_checkpoints(t
         assert rz["loss"] == pytest.approx(rd["loss"], rel=1e-4, abs=1e-7)
         assert rz["grad_norm"] == pytest.approx(rd["grad_norm"], rel=1e-4)
 
-    _close(z["weights"], d["weights"], "weights")
+    assert_close_dicts(z["weights"], d["weights"], "weights")
     initial = _fresh(tmp_path, _FULL).trained_weights()
     assert {k: v.shape for k, v in z["weights"].items()} == {k: v.shape for k, v in initial.items()}
     assert max((z["weights"][k] - initial[k]).abs().max().item() for k in initial) > 1e-4
-    _close(z["frozen"], d["frozen"], "frozen", rtol=0, atol=0)
+    assert_close_dicts(z["frozen"], d["frozen"], "frozen", rtol=0, atol=0)
 
     cz, cd = (load_checkpoint(latest_checkpoint(o / "checkpoints"), restore_rng=False) for o in (z_out, d_out))
     assert cz["meta"]["epoch"] == 2 and cz["states"].keys() == cd["states"].keys()
     assert all(torch.equal(cz["weights"][k], z["weights"][k]) for k in initial)
-    _close(cz["states"]["ema"], cd["states"]["ema"], "checkpoint ema")
+    assert_close_dicts(cz["states"]["ema"], cd["states"]["ema"], "checkpoint ema")
     assert all(torch.equal(z["ema_inside"][k], v) for k, v in cz["states"]["ema"].items())
     assert any(not torch.equal(z["ema_inside"][k], z["weights"][k]) for k in initial)
     _same_optimizer_and_schedule(cz, cd)

@@ -9,14 +9,12 @@ config on GPUs. What a GPU run adds (NCCL, bf16 mixed precision, CPU offload) is
 
 import inspect
 import json
-import os
-import socket
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
+
+from two_ranks import assert_close_dicts, images, launch_two_ranks, wait_all
 
 from diffrl.trainers import GRPOConfig, GRPOTrainer, get_preset, latest_checkpoint, load_checkpoint, load_config
 from diffrl.trainers.fsdp import uses_fsdp2
@@ -24,16 +22,6 @@ from diffrl.trainers.fsdp import uses_fsdp2
 # full fine-tuning with the KL to a frozen copy (sharded too) and an EMA; 2 ranks x 2 prompts x group 2
 _OVER = dict(num_inference_steps=1, epochs=2, prompts_per_epoch=4, save_every=1, keep_last=2, use_lora=False,
              lr=1e-4, kl_coef=0.01, ema_decay=0.5, eval_every=2)
-
-
-def images(tr):
-    """The eval prompts sampled with fixed noise, as floats (finer than the uint8 of a grid)."""
-    c = tr.config
-    with torch.no_grad():
-        return tr.sampler.sample(list(c.eval_prompts), num_images_per_prompt=1,
-                                 num_inference_steps=c.num_inference_steps, guidance_scale=c.guidance_scale,
-                                 height=c.resolution, width=c.resolution,
-                                 generator=torch.Generator().manual_seed(0)).images
 
 
 _WORKER = r"""
@@ -84,32 +72,10 @@ if tr.rank == 0:
 
 
 def _launch(tmp_path, mode):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / mode
     out.mkdir()
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONWARNINGS": "ignore",
-               "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-c", _WORKER, mode, str(out), json.dumps(_OVER),
-                                       inspect.getsource(images)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    return out, procs
-
-
-def _wait(procs):
-    for p in procs:
-        out, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, out.decode()[-3000:]
-
-
-def _close(a, b, what):
-    assert a.keys() == b.keys(), what
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{what} {k}: {m}")
+    return out, launch_two_ranks(_WORKER, [mode, out, json.dumps(_OVER), inspect.getsource(images)],
+                                 {"OMP_NUM_THREADS": "1"})
 
 
 @pytest.mark.slow
@@ -119,7 +85,7 @@ def test_fsdp2_two_processes_match_ddp_and_write_full_checkpoints(tmp_path):
     float rounding, the same gradients); the checkpoint holds full tensors that a single-process
     trainer loads."""
     (fsdp_out, fsdp_procs), (ddp_out, ddp_procs) = _launch(tmp_path, "fsdp"), _launch(tmp_path, "ddp")
-    _wait(fsdp_procs + ddp_procs)
+    wait_all(fsdp_procs + ddp_procs)
     f, d = (torch.load(o / "rank0.pt", weights_only=False) for o in (fsdp_out, ddp_out))
     assert f["info"] == {"fsdp": True, "sharded": True, "reference_sharded": True}
     assert d["info"] == {"fsdp": False, "wrapped": True}
@@ -132,7 +98,7 @@ def test_fsdp2_two_processes_match_ddp_and_write_full_checkpoints(tmp_path):
         assert rf["loss"] == pytest.approx(rd["loss"], rel=1e-4, abs=1e-7)
 
     # the trained weights: those of the DDP run, and far from the initial ones
-    _close(f["weights"], d["weights"], "weights")
+    assert_close_dicts(f["weights"], d["weights"], "weights")
     fresh = GRPOTrainer(load_config(GRPOConfig, base={**get_preset("tiny-sd3-jpeg")[1], **_OVER,
                                                       "output_dir": str(tmp_path / "fresh")}), progress=False)
     initial = fresh.trained_weights()
@@ -143,7 +109,7 @@ def test_fsdp2_two_processes_match_ddp_and_write_full_checkpoints(tmp_path):
     cf, cd = (load_checkpoint(latest_checkpoint(o / "checkpoints"), restore_rng=False) for o in (fsdp_out, ddp_out))
     assert cf["meta"]["epoch"] == 2 and cf["states"].keys() == cd["states"].keys()
     assert {k: v.shape for k, v in cf["weights"].items()} == {k: v.shape for k, v in initial.items()}
-    _close(cf["states"]["ema"], cd["states"]["ema"], "checkpoint ema")
+    assert_close_dicts(cf["states"]["ema"], cd["states"]["ema"], "checkpoint ema")
     # ema_weights(): the EMA inside the block, the trained weights (those saved) back after it
     assert all(torch.equal(f["ema_inside"][k], v) for k, v in cf["states"]["ema"].items())
     assert all(torch.equal(cf["weights"][k], f["weights"][k]) for k in initial)
@@ -152,7 +118,7 @@ def test_fsdp2_two_processes_match_ddp_and_write_full_checkpoints(tmp_path):
     assert of["param_groups"] == od["param_groups"] and of["state"].keys() == od["state"].keys()
     for i in od["state"]:
         assert of["state"][i]["exp_avg"].shape == od["state"][i]["exp_avg"].shape
-        _close(of["state"][i], od["state"][i], f"optimizer state {i}")
+        assert_close_dicts(of["state"][i], od["state"][i], f"optimizer state {i}")
 
     # a single-process trainer resumes from the FSDP checkpoint and samples what the FSDP ranks
     # sampled, with the trained weights and inside ema_weights()
