@@ -15,7 +15,7 @@ from diffrl.models.shapes_eval import HELDOUT_RESERVED, heldout_prompts, trainin
 from diffrl.models.shapes_model import load_base_pipeline  # noqa: E402
 from diffrl.rewards import ShapesReward  # noqa: E402
 from diffrl.samplers import FlowSDESampler  # noqa: E402
-from diffrl.trainers import GRPOConfig, GRPOTrainer, NFTConfig, NFTTrainer, get_preset  # noqa: E402
+from diffrl.trainers import GRPOConfig, GRPOTrainer, NFTConfig, NFTTrainer, get_preset, load_pipeline  # noqa: E402
 
 TINY_RUN = {"prompts_per_epoch": 2, "group_size": 4, "sample_batch_size": 8, "train_batch_size": 4,
             "num_inference_steps": 4, "sde_window": [0, 2], "timestep_fraction": 1.0}
@@ -48,6 +48,26 @@ def test_packaged_model_under_flow_sampler():
         sampler.sample(prompts, num_inference_steps=2, height=64, width=64)
     with pytest.raises(ValueError, match="32x32 images only"):
         sampler.sample(prompts, num_inference_steps=2, height=16, width=16)
+
+
+def test_saved_shapes_pipeline_is_a_pretrained_folder(tmp_path):
+    """A shapes pipeline saved to a folder (a retrained or fine-tuned model) loads as ``pretrained``
+    with the weights that were saved (perturbed here, so the packaged ones cannot pass for them)."""
+    pipe = load_base_pipeline()
+    with torch.no_grad():
+        for p in pipe.transformer.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+    pipe.save_pretrained(tmp_path / "saved")
+    got = load_pipeline(str(tmp_path / "saved"))
+    assert type(got) is type(pipe)
+    want = dict(pipe.transformer.state_dict())
+    have = dict(got.transformer.state_dict())
+    assert want.keys() == have.keys() and all(torch.equal(want[k], have[k]) for k in want)
+    assert not torch.equal(next(load_base_pipeline().transformer.parameters()), next(got.transformer.parameters()))
+    prompts = heldout_prompts(2)
+    a = pipe(prompts, num_inference_steps=3, generator=torch.Generator().manual_seed(1)).images
+    b = got(prompts, num_inference_steps=3, generator=torch.Generator().manual_seed(1)).images
+    assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("preset", DEMO_PRESETS)
