@@ -268,6 +268,50 @@ def random_prompt(rng=None, **kwargs) -> str:
     return random_scene(rng, **kwargs).prompt
 
 
+_OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def near_miss_scenes(scene: Scene) -> list[Scene]:
+    """Every scene one attribute away from ``scene``: one group's colour or shape changed (to a kind the
+    scene does not have), one group's count moved by one (within 1..4 objects in all), or a relation
+    reversed. A caption of ``scene`` on a render of one of them is what a slightly wrong caption of web
+    data looks like (the shapes model's pre-training uses them as caption noise)."""
+    out: list[Scene] = []
+    objs = scene.objects
+    kinds = {o.kind for o in objs}
+    for i, o in enumerate(objs):
+        def with_(new: ObjectSpec, i=i):
+            return Scene(objs[:i] + (new,) + objs[i + 1:], scene.relation)
+        for c in COLORS:
+            if c != o.colour and (c, o.shape) not in kinds:
+                out.append(with_(ObjectSpec(o.count, c, o.shape)))
+        for sh in SHAPES:
+            if sh != o.shape and (o.colour, sh) not in kinds:
+                out.append(with_(ObjectSpec(o.count, o.colour, sh)))
+        if scene.relation is None:
+            for n in (o.count - 1, o.count + 1):
+                if 1 <= n and scene.n_objects - o.count + n <= MAX_OBJECTS:
+                    out.append(with_(ObjectSpec(n, o.colour, o.shape)))
+    if scene.relation is not None:
+        out.append(Scene(objs, _OPPOSITE[scene.relation]))
+    return out
+
+
+def near_miss_scene(scene: Scene, rng=None) -> Scene:
+    """One of :func:`near_miss_scenes` (``scene``), uniformly: its kind of change first (colour, shape,
+    count or relation, among those the scene allows), then the change."""
+    d = _Draw(rng)
+    by_kind: dict[str, list[Scene]] = {}
+    for m in near_miss_scenes(scene):
+        a, b = scene, m
+        kind = ("relation" if a.relation != b.relation else
+                "count" if [o.count for o in a.objects] != [o.count for o in b.objects] else
+                "colour" if [o.colour for o in a.objects] != [o.colour for o in b.objects] else "shape")
+        by_kind.setdefault(kind, []).append(m)
+    kinds = sorted(by_kind)
+    return d.choice(by_kind[d.choice(kinds)])
+
+
 # ----------------------------------------------------------------------------------------------------
 # rendering
 
@@ -290,31 +334,53 @@ def _shape_mask_cached(shape: str, s: int) -> np.ndarray:
     return m
 
 
-def _boxes_clear(box, boxes, gap) -> bool:
-    x0, y0, s = box
-    for bx, by, bs in boxes:
-        if x0 < bx + bs + gap and bx < x0 + s + gap and y0 < by + bs + gap and by < y0 + s + gap:
-            return False
-    return True
+def _free_positions(s: int, lo_pos: int, n_pos: int, placed, gap: int) -> np.ndarray:
+    """bool [n_pos (y), n_pos (x)]: top-left corners (lo_pos + index) of an s x s box that keep at least
+    ``gap`` px of background to every placed box."""
+    c = lo_pos + np.arange(n_pos)
+    free = np.ones((n_pos, n_pos), dtype=bool)
+    for bx, by, bs in placed:
+        # boxes overlap (gap included) iff both their x and their y intervals do
+        ox = (c < bx + bs + gap) & (bx < c + s + gap)
+        oy = (c < by + bs + gap) & (by < c + s + gap)
+        free &= ~(oy[:, None] & ox[None, :])
+    return free
 
 
-def _relation_ok(a, b, relation: str, gap: int) -> bool:
-    (ax, ay, as_), (bx, by, bs) = a, b
+def _relation_positions(s: int, lo_pos: int, n_pos: int, other, other_is_a: bool, relation: str,
+                        gap: int) -> np.ndarray:
+    """bool [n_pos (y), n_pos (x)]: top-left corners of an s x s box B (or A when ``other_is_a`` is False)
+    for which "A <relation> B" holds with the already placed ``other`` box: A's box entirely on that side
+    of B's (by at least ``gap``) and the centres' offset across the relation at most 3/4 of that along it."""
+    c = (lo_pos + np.arange(n_pos)).astype(np.float64)
+    ox, oy, os_ = other
+    cy, cx = c[:, None], c[None, :]
+    if other_is_a:
+        ax, ay, as_, bx, by, bs = ox, oy, os_, cx, cy, s
+    else:
+        ax, ay, as_, bx, by, bs = cx, cy, s, ox, oy, os_
     dx = (bx + bs / 2) - (ax + as_ / 2)  # b's centre minus a's centre
     dy = (by + bs / 2) - (ay + as_ / 2)
     if relation == "left of":  # a left of b
-        return ax + as_ + gap <= bx and abs(dy) <= 0.75 * dx
-    if relation == "right of":
-        return bx + bs + gap <= ax and abs(dy) <= -0.75 * dx
-    if relation == "above":
-        return ay + as_ + gap <= by and abs(dx) <= 0.75 * dy
-    if relation == "below":
-        return by + bs + gap <= ay and abs(dx) <= -0.75 * dy
-    raise ValueError(relation)
+        ok = (ax + as_ + gap <= bx) & (np.abs(dy) <= 0.75 * dx)
+    elif relation == "right of":
+        ok = (bx + bs + gap <= ax) & (np.abs(dy) <= -0.75 * dx)
+    elif relation == "above":
+        ok = (ay + as_ + gap <= by) & (np.abs(dx) <= 0.75 * dy)
+    elif relation == "below":
+        ok = (by + bs + gap <= ay) & (np.abs(dx) <= -0.75 * dy)
+    else:
+        raise ValueError(relation)
+    return np.broadcast_to(ok, (n_pos, n_pos))
 
 
 def _layout(scene: Scene, seed: int, size: int) -> list[tuple[str, str, int, int, int]]:
-    """(colour, shape, x0, y0, side) of every object: random, non-overlapping, relation satisfied."""
+    """(colour, shape, x0, y0, side) of every object: random, non-overlapping, relation satisfied.
+
+    Objects are placed one at a time in a random order, each at a position drawn uniformly from those
+    that keep the gap to the boxes placed before it (and, for the second object of a relation, satisfy
+    the relation); when no such position is left, the layout starts again, and after many failed
+    starts the objects' size range shrinks."""
     rng = np.random.default_rng(seed)
     scale = size / 32.0
     gap = max(1, round(GAP * scale))
@@ -329,20 +395,22 @@ def _layout(scene: Scene, seed: int, size: int) -> list[tuple[str, str, int, int
             ok = True
             for i in order:
                 s = int(rng.integers(lo, hi + 1))
-                span = size - 2 * border - s
-                if span < 0:
+                n_pos = size - 2 * border - s + 1
+                if n_pos < 1:
                     ok = False
                     break
-                for _try in range(100):
-                    box = (border + int(rng.integers(span + 1)), border + int(rng.integers(span + 1)), s)
-                    if _boxes_clear(box, placed, gap):
-                        break
-                else:
+                free = _free_positions(s, border, n_pos, placed, gap)
+                if scene.relation is not None and placed:  # the second of the two related objects
+                    other = boxes[1 - i]
+                    free = free & _relation_positions(s, border, n_pos, other, i == 1, scene.relation, gap)
+                idx = np.flatnonzero(free)
+                if idx.size == 0:
                     ok = False
                     break
-                boxes[i] = box
-                placed.append(box)
-            if ok and (scene.relation is None or _relation_ok(boxes[0], boxes[1], scene.relation, gap)):
+                y, x = divmod(int(idx[rng.integers(idx.size)]), n_pos)
+                boxes[i] = (border + x, border + y, s)
+                placed.append(boxes[i])
+            if ok:
                 return [(c, sh, *box) for (c, sh), box in zip(objs, boxes)]
         if hi > lo:
             hi -= 1
@@ -409,4 +477,4 @@ def render_batch(prompts: Sequence[str | Scene], seeds: Sequence[int] | int = 0,
 
 
 __all__ = ["COLORS", "BACKGROUND", "SHAPES", "RELATIONS", "NUMBERS", "MAX_OBJECTS", "ObjectSpec", "Scene",
-           "parse_prompt", "format_prompt", "random_scene", "random_prompt", "render", "render_batch"]
+           "parse_prompt", "format_prompt", "random_scene", "random_prompt", "near_miss_scenes", "near_miss_scene", "render", "render_batch"]
