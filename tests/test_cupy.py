@@ -30,6 +30,7 @@ import diffrl
 from diffrl import interop
 from diffrl.ops import _cupy_backend as cb
 from diffrl.ops import _dispatch
+from diffrl.ops import _native_backend as nb
 from diffrl.ops import advantages as adv_mod
 from diffrl.ops import loss as loss_mod
 from diffrl.ops import sde as sde_mod
@@ -109,7 +110,7 @@ def test_sources_found_and_constants():
     k = cb.constants("sde_step.h", "sde_step_kernels.cuh")
     assert k["kChunk"] == 4096 and k["kThreads"] * 16 == k["kChunk"] and k["kFinalizeThreads"] > 0
     k = cb.constants("advantages.h", "advantages_kernels.cuh")
-    assert (k["kLossChunk"], k["kLossParts"]) == (loss_mod._LOSS_CHUNK, loss_mod._LOSS_PARTS)
+    assert (k["kLossChunk"], k["kLossParts"]) == (nb.LOSS_CHUNK, nb.LOSS_PARTS)
     assert {"kGroupThreads", "kWinThreads", "kLossThreads"} <= set(k)
 
 
@@ -336,20 +337,20 @@ def _record_launches(monkeypatch) -> list[tuple]:
     B, D = 3, 9000
     for dt, guid, smp, kl, mean in [(0, False, True, False, True), (1, True, False, True, False),
                                     (2, True, True, True, True)]:
-        sde_mod._cupy_forward(dt, B, D, next(p), next(p), next(p) if guid else 0, 4.5, next(p) if smp else 0,
+        cb.sde_step_forward(dt, B, D, next(p), next(p), next(p) if guid else 0, 4.5, next(p) if smp else 0,
                               0 if smp else next(p), next(p) if kl else 0, next(p) if kl and guid else 0, next(p),
                               next(p), next(p), next(p) if smp else 0, next(p) if mean else 0, next(p),
                               next(p) if kl else 0, next(p), 1, 7)
-        sde_mod._cupy_backward(dt, B, D, next(p), next(p), next(p) if guid else 0, 4.5, next(p), next(p) if kl else 0,
+        cb.sde_step_backward(dt, B, D, next(p), next(p), next(p) if guid else 0, 4.5, next(p), next(p) if kl else 0,
                                next(p) if kl and guid else 0, next(p), next(p), next(p), next(p), next(p) if kl else 0,
                                0, next(p), int(smp), 0, next(p), next(p), next(p) if guid else 0, 0,
                                next(p) if kl else 0, next(p) if kl and guid else 0, 7)
     for mode, double in [(0, 1), (1, 0), (2, 1)]:
-        adv_mod._cupy_group(double, 1000, 5, next(p), next(p), next(p), next(p), 0, 0, 3, mode, 1, 1e-4, -1.0, 0,
+        cb.group_advantages(double, 1000, 5, next(p), next(p), next(p), next(p), 0, 0, 3, mode, 1, 1e-4, -1.0, 0,
                             next(p), 7)
-    adv_mod._cupy_win_rate(1, 1000, next(p), next(p), next(p), next(p), 7)
-    loss_mod._cupy_forward(10000, 4, next(p), next(p), next(p), next(p), 0.8, 1.28, 0.01, next(p), next(p), next(p), 7)
-    loss_mod._cupy_backward(10000, 4, next(p), next(p), next(p), 0.8, 1.28, next(p), next(p), 7)
+    cb.win_rate(1, 1000, next(p), next(p), next(p), next(p), 7)
+    cb.grpo_loss_forward(10000, 4, next(p), next(p), next(p), next(p), 0.8, 1.28, 0.01, next(p), next(p), next(p), 7)
+    cb.grpo_loss_backward(10000, 4, next(p), next(p), next(p), 0.8, 1.28, next(p), next(p), 7)
     return calls
 
 

@@ -29,8 +29,8 @@ from collections.abc import Sequence
 
 import torch
 
-from diffrl import _native, interop
-from diffrl.ops import _alloc, _dispatch
+from diffrl import interop
+from diffrl.ops import _dispatch
 from diffrl.ops._library import LIB
 from diffrl.ops.reference import (
     _weighted_sum,
@@ -39,7 +39,8 @@ from diffrl.ops.reference import (
     win_rate_reference,
 )
 
-IMPLEMENTED = ("torch", "cpp", "triton", "cuda", "cupy")
+IMPLEMENTED = _dispatch.implementing("group_advantages")
+WIN_RATE_IMPLEMENTED = _dispatch.implementing("win_rate")
 STD_MODES = {"none": 0, "group": 1, "global": 2}
 COMBINES = ("sum", "normalize_each")
 MAX_HEADS = 1024  # normalize_each keeps two float64 per head in CUDA shared memory
@@ -142,7 +143,7 @@ def win_rate(
         raise TypeError(f"win_rate: scores must be a floating-point tensor, got {scores.dtype}")
     if validate:
         _check_values("win_rate", scores, group_ids)
-    name = _dispatch.resolve("win_rate", IMPLEMENTED, backend, scores.device)
+    name = _dispatch.resolve("win_rate", WIN_RATE_IMPLEMENTED, backend, scores.device)
     if name == "torch":
         return win_rate_reference(scores, group_ids)
     vals = (scores if scores.dtype in _KERNEL_DTYPES else scores.float()).contiguous()
@@ -267,75 +268,6 @@ def _check_values(op, rewards, group_ids, **weights):
 
 
 # ----------------------------------------------------------------------------------------------
-# backends
-
-
-def _ptr(t):
-    return 0 if t is None else t.data_ptr()
-
-
-def _native_group(kind, vals, order, sorted_ids, w, gstd, sw, mode, std_mode, eps, clip, T, squeeze):
-    C, _ = _native.load()
-    B = vals.shape[0]
-    K = vals.shape[1] if vals.dim() == 2 else 1
-    out = _alloc.empty((B,) if squeeze else (B, T), dtype=torch.float32, device=vals.device)
-    args = (int(vals.dtype == torch.float64), B, K, _ptr(vals), _ptr(w), _ptr(order), _ptr(sorted_ids), _ptr(gstd),
-            _ptr(sw), T, mode, std_mode, float(eps), float(clip), int(clip > 0), _ptr(out))
-    if kind == "cpp":
-        C.group_advantages_cpu(*args)
-    else:
-        launch = C.group_advantages_cuda if kind == "cuda" else _cupy_group
-        with torch.cuda.device(vals.device):
-            launch(*args, torch.cuda.current_stream(vals.device).cuda_stream)
-    return out
-
-
-def _native_win_rate(kind, vals, order, sorted_ids):
-    C, _ = _native.load()
-    B = vals.shape[0]
-    out = _alloc.empty(B, dtype=torch.float32, device=vals.device)
-    args = (int(vals.dtype == torch.float64), B, _ptr(vals), _ptr(order), _ptr(sorted_ids), _ptr(out))
-    if kind == "cpp":
-        C.win_rate_cpu(*args)
-    else:
-        launch = C.win_rate_cuda if kind == "cuda" else _cupy_win_rate
-        with torch.cuda.device(vals.device):
-            launch(*args, torch.cuda.current_stream(vals.device).cuda_stream)
-    return out
-
-
-# The cupy backend's launchers: csrc/advantages.cu's group_advantages_cuda / win_rate_cuda launch for
-# launch (same arguments as the diffrl._C bindings, same kernels, same geometry).
-def _cupy_group(vals_double, B, K, vals, w, order, sorted_ids, gstd, sw, T, mode, std_mode, eps, clip, has_clip, out,
-                stream):
-    from diffrl.ops import _cupy_backend as cb  # noqa: PLC0415
-
-    if B == 0:
-        return
-    if B > 0x7FFFFFFF:
-        raise ValueError("group_advantages: more than 2^31 - 1 rows")
-    smem = 2 * K * 8 if mode == MODE_EACH else 0  # (mean, denom) per head, float64
-    if smem > 48 * 1024:
-        raise ValueError("group_advantages: too many reward heads for normalize_each")
-    name = cb.instance("diffrl::adv::group_kernel", mode, "double" if vals_double else "float")
-    P = cb.ptr
-    cb.launch(name, B, cb.constants("advantages_kernels.cuh")["kGroupThreads"],
-              (P(vals), cb.i64(K), P(w), P(order), P(sorted_ids), cb.i64(B), P(gstd), P(sw), cb.i64(T),
-               cb.i32(std_mode), cb.f64(eps), cb.f64(clip), cb.i32(has_clip), P(out)), stream, shared_mem=smem)
-
-
-def _cupy_win_rate(vals_double, B, vals, order, sorted_ids, out, stream):
-    from diffrl.ops import _cupy_backend as cb  # noqa: PLC0415
-
-    if B == 0:
-        return
-    nt = cb.constants("advantages_kernels.cuh")["kWinThreads"]
-    name = cb.instance("diffrl::adv::win_rate_kernel", "double" if vals_double else "float")
-    P = cb.ptr
-    cb.launch(name, -(-B // nt), nt, (P(vals), P(order), P(sorted_ids), cb.i64(B), P(out)), stream)
-
-
-# ----------------------------------------------------------------------------------------------
 # torch.library ops (opaque to torch.compile, with fake implementations)
 
 LIB.define(
@@ -347,21 +279,12 @@ LIB.define("win_rate(Tensor scores, Tensor order, Tensor sorted_ids, str backend
 
 def _group_advantages_impl(vals, order, sorted_ids, weights, gstd, step_weights, mode, std_mode, eps, clip, T,
                            squeeze, backend):
-    if backend == "triton":
-        from diffrl.kernels.advantages import group_advantages as triton_group  # noqa: PLC0415
-
-        return triton_group(vals, order, sorted_ids, weights, gstd, step_weights, mode, std_mode, eps, clip, T,
-                            squeeze)
-    return _native_group(backend, vals, order, sorted_ids, weights, gstd, step_weights, mode, std_mode, eps, clip,
-                         T, squeeze)
+    return _dispatch.launcher(backend, "group_advantages")(vals, order, sorted_ids, weights, gstd, step_weights, mode,
+                                                           std_mode, eps, clip, T, squeeze)
 
 
 def _win_rate_impl(scores, order, sorted_ids, backend):
-    if backend == "triton":
-        from diffrl.kernels.advantages import win_rate as triton_win_rate  # noqa: PLC0415
-
-        return triton_win_rate(scores, order, sorted_ids)
-    return _native_win_rate(backend, scores, order, sorted_ids)
+    return _dispatch.launcher(backend, "win_rate")(scores, order, sorted_ids)
 
 
 for _key in ("CPU", "CUDA"):

@@ -5,17 +5,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from diffrl.ops import _dispatch
 from diffrl.ops._library import LIB
 from diffrl.ops.reference import reward_attention_reference
 
-IMPLEMENTED = ("torch", "triton", "flash_attn")
-_KERNEL_DTYPES = {
-    "triton": (torch.float32, torch.float16, torch.bfloat16),
-    "flash_attn": (torch.float16, torch.bfloat16),
-}
+IMPLEMENTED = _dispatch.implementing("reward_attention")
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # a backend's record may narrow them
 _INDEX_DTYPES = (torch.int32, torch.int64)
 MAX_HEAD_DIM = 256
 
@@ -76,9 +72,10 @@ def reward_attention(
         _validate_values(q, k, q_lens, kv_lens, kv_index)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     name = _dispatch.resolve("reward_attention", IMPLEMENTED, backend, q.device)
-    if name != "torch" and q.dtype not in _KERNEL_DTYPES[name]:
+    dtypes = _dispatch.kernel_dtypes(name, "reward_attention", _KERNEL_DTYPES)
+    if name != "torch" and q.dtype not in dtypes:
         if backend != "auto":
-            kinds = ", ".join(str(d).replace("torch.", "") for d in _KERNEL_DTYPES[name])
+            kinds = ", ".join(str(d).replace("torch.", "") for d in dtypes)
             raise TypeError(f"reward_attention: backend {name!r} takes {kinds} tensors, got {q.dtype}; "
                             "use backend='torch' for this dtype")
         name = "torch"  # auto: float64 goes to the reference
@@ -163,49 +160,6 @@ def _validate_values(q, k, q_lens, kv_lens, kv_index):
 
 
 # ----------------------------------------------------------------------------------------------
-# backends
-
-
-def _flash_attn_forward(q, k, v, q_lens, kv_lens, kv_index, causal, scale):
-    """flash-attn's varlen API on the real tokens only (packed), scattered back into zeros."""
-    from flash_attn import flash_attn_varlen_func  # noqa: PLC0415
-
-    N, H, Lq, D = q.shape
-    Lk = k.shape[2]
-    dev = q.device
-    idx = torch.arange(N, device=dev) if kv_index is None else kv_index.long()
-    ql = torch.full((N,), Lq, device=dev, dtype=torch.int32) if q_lens is None else q_lens.int()
-    kl = torch.full((N,), Lk, device=dev, dtype=torch.int32) if kv_lens is None else kv_lens.int()[idx]
-    ql, kl = ql.clamp(0, Lq), kl.clamp(0, Lk)
-    max_q, max_k, mismatch = torch.stack([ql.max(), kl.max(), (ql != kl).any().int()]).tolist()
-    if causal and mismatch:
-        raise ValueError("reward_attention: backend 'flash_attn' with causal=True needs q_lens == kv_lens[kv_index] "
-                         "(flash-attn aligns the causal mask to the end of the keys); use backend='triton'")
-    q_rows = torch.arange(Lq, device=dev)[None, :] < ql[:, None]  # [N, Lq]
-    k_rows = torch.arange(Lk, device=dev)[None, :] < kl[:, None]  # [N, Lk]
-    qp = q.transpose(1, 2)[q_rows]  # [total_q, H, D]
-    kp = k.transpose(1, 2)[idx][k_rows]  # flash-attn has no indirection: the shared keys are gathered
-    vp = v.transpose(1, 2)[idx][k_rows]
-    cu_q = F.pad(ql.cumsum(0, dtype=torch.int32), (1, 0))
-    cu_k = F.pad(kl.cumsum(0, dtype=torch.int32), (1, 0))
-    packed = flash_attn_varlen_func(qp, kp, vp, cu_q, cu_k, max(int(max_q), 1), max(int(max_k), 1), dropout_p=0.0,
-                                    softmax_scale=scale, causal=causal)
-    out = torch.zeros((N, Lq, H, D), dtype=q.dtype, device=dev)
-    out[q_rows] = packed.to(q.dtype)
-    return out.transpose(1, 2)
-
-
-def _forward_impl(backend):
-    if backend == "triton":
-        from diffrl.kernels.reward_attention import reward_attention_forward  # noqa: PLC0415
-
-        return reward_attention_forward
-    if backend == "flash_attn":
-        return _flash_attn_forward
-    raise ValueError(f"reward_attention: no fused implementation named {backend!r}")
-
-
-# ----------------------------------------------------------------------------------------------
 # torch.library op (opaque to torch.compile, with a fake implementation); forward only
 
 LIB.define(
@@ -215,7 +169,7 @@ LIB.define(
 
 
 def _reward_attention_fwd(q, k, v, q_lens, kv_lens, kv_index, causal, scale, backend):
-    return _forward_impl(backend)(q, k, v, q_lens, kv_lens, kv_index, causal, scale)
+    return _dispatch.launcher(backend, "reward_attention_forward")(q, k, v, q_lens, kv_lens, kv_index, causal, scale)
 
 
 for _key in ("CPU", "CUDA"):

@@ -7,15 +7,13 @@ import math
 import numpy as np
 import torch
 
-from diffrl import _native, interop
-from diffrl.ops import _alloc, _dispatch
+from diffrl import interop
+from diffrl.ops import _dispatch
 from diffrl.ops._library import LIB
 from diffrl.ops.reference import grpo_loss_reference
 
-IMPLEMENTED = ("torch", "cpp", "triton", "cuda", "cupy")
+IMPLEMENTED = _dispatch.implementing("grpo_loss")
 STAT_NAMES = ("policy_loss", "kl", "clip_fraction", "approx_kl", "ratio_mean", "ratio_min", "ratio_max")
-_LOSS_CHUNK = 4096  # kLossChunk in csrc/advantages.h
-_LOSS_PARTS = 7
 
 
 @interop.accepts_arrays
@@ -114,71 +112,7 @@ def _validate(log_prob, old_log_prob, advantages, clip_range, kl, kl_coef):
 
 
 # ----------------------------------------------------------------------------------------------
-# backends
-
-
-def _ptr(t):
-    return 0 if t is None else t.data_ptr()
-
-
-def _native_forward(kind, lp, old, adv, kl, lo, hi, kl_coef):
-    C, _ = _native.load()
-    N = lp.numel()
-    loss = _alloc.empty((), dtype=torch.float32, device=lp.device)
-    stats = _alloc.empty(len(STAT_NAMES), dtype=torch.float32, device=lp.device)
-    args = (N, N // adv.numel(), _ptr(lp), _ptr(old), _ptr(adv), _ptr(kl), lo, hi, kl_coef, _ptr(loss), _ptr(stats))
-    if kind == "cpp":
-        C.grpo_loss_forward_cpu(*args)
-    else:
-        nch = -(-N // _LOSS_CHUNK)
-        workspace = _alloc.empty(_LOSS_PARTS * nch, dtype=torch.float64, device=lp.device)
-        launch = C.grpo_loss_forward_cuda if kind == "cuda" else _cupy_forward
-        with torch.cuda.device(lp.device):
-            launch(*args, _ptr(workspace), torch.cuda.current_stream(lp.device).cuda_stream)
-    return loss, stats
-
-
-def _native_backward(kind, g_loss, lp, old, adv, lo, hi):
-    C, _ = _native.load()
-    N = lp.numel()
-    out = _alloc.empty_like(lp)
-    args = (N, N // adv.numel(), _ptr(lp), _ptr(old), _ptr(adv), lo, hi, _ptr(g_loss), _ptr(out))
-    if kind == "cpp":
-        C.grpo_loss_backward_cpu(*args)
-    else:
-        launch = C.grpo_loss_backward_cuda if kind == "cuda" else _cupy_backward
-        with torch.cuda.device(lp.device):
-            launch(*args, torch.cuda.current_stream(lp.device).cuda_stream)
-    return out
-
-
-# The cupy backend's launchers: csrc/advantages.cu's loss_forward_cuda / loss_backward_cuda launch for
-# launch (same arguments as the diffrl._C bindings, same kernels, same geometry).
-def _cupy_forward(N, adv_div, lp, old, adv, kl, lo, hi, kl_coef, loss, stats, workspace, stream):
-    from diffrl.ops import _cupy_backend as cb  # noqa: PLC0415
-
-    if N == 0:
-        return
-    k = cb.constants("advantages.h", "advantages_kernels.cuh")
-    nch = -(-N // k["kLossChunk"])
-    P = cb.ptr
-    cb.launch("diffrl::adv::loss_partial_kernel", nch, k["kLossThreads"],
-              (P(lp), P(old), P(adv), cb.i64(adv_div), P(kl), cb.i64(N), cb.f32(lo), cb.f32(hi), P(workspace)),
-              stream)
-    cb.launch("diffrl::adv::loss_finalize_kernel", 1, k["kLossThreads"],
-              (P(workspace), cb.i64(nch), cb.i64(N), cb.f32(kl_coef), P(loss), P(stats)), stream)
-
-
-def _cupy_backward(N, adv_div, lp, old, adv, lo, hi, g_loss, g_lp, stream):
-    from diffrl.ops import _cupy_backend as cb  # noqa: PLC0415
-
-    if N == 0:
-        return
-    nt = cb.constants("advantages_kernels.cuh")["kLossThreads"]
-    P = cb.ptr
-    cb.launch("diffrl::adv::loss_backward_kernel", -(-N // nt), nt,
-              (P(lp), P(old), P(adv), cb.i64(adv_div), cb.i64(N), cb.f32(lo), cb.f32(hi), P(g_loss), P(g_lp)), stream)
-
+# torch.library ops (opaque to torch.compile, with fake implementations) and autograd
 
 LIB.define(
     "grpo_loss_fwd(Tensor log_prob, Tensor old_log_prob, Tensor advantages, Tensor? kl, float lo, float hi, "
@@ -191,19 +125,11 @@ LIB.define(
 
 
 def _grpo_loss_fwd(lp, old, adv, kl, lo, hi, kl_coef, backend):
-    if backend == "triton":
-        from diffrl.kernels.grpo_loss import grpo_loss_forward  # noqa: PLC0415
-
-        return grpo_loss_forward(lp, old, adv, kl, lo, hi, kl_coef)
-    return _native_forward(backend, lp, old, adv, kl, lo, hi, kl_coef)
+    return _dispatch.launcher(backend, "grpo_loss_forward")(lp, old, adv, kl, lo, hi, kl_coef)
 
 
 def _grpo_loss_bwd(g_loss, lp, old, adv, lo, hi, backend):
-    if backend == "triton":
-        from diffrl.kernels.grpo_loss import grpo_loss_backward  # noqa: PLC0415
-
-        return grpo_loss_backward(g_loss, lp, old, adv, lo, hi)
-    return _native_backward(backend, g_loss, lp, old, adv, lo, hi)
+    return _dispatch.launcher(backend, "grpo_loss_backward")(g_loss, lp, old, adv, lo, hi)
 
 
 for _key in ("CPU", "CUDA"):

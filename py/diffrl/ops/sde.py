@@ -7,13 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
-from diffrl import _native, interop
-from diffrl.ops import _alloc, _dispatch
+from diffrl import interop
+from diffrl.ops import _dispatch
 from diffrl.ops._library import LIB
 from diffrl.ops.reference import sde_step_reference
 from diffrl.schedules import StepCoeffs
 
-IMPLEMENTED = ("torch", "cpp", "triton", "cuda", "cupy")
+IMPLEMENTED = _dispatch.implementing("sde_step")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _REDUCES = ("mean", "sum")
 
@@ -168,112 +168,6 @@ def _validate(sample, model_output, coeffs, uncond_output, guidance_scale, noise
 
 
 # ----------------------------------------------------------------------------------------------
-# backends: one signature for the native (cpp, cuda) and triton launchers
-
-
-def _ptr(t):
-    return 0 if t is None else t.data_ptr()
-
-
-def _native_forward(kind, x, v, vu, w, noise, prev_in, vr, vru, a, c, s, reduce_sum, return_mean):
-    C, _ = _native.load()
-    B = x.shape[0]
-    D = x.numel() // B
-    # absent outputs are None here (an allocation each is measurable on small latents); the
-    # torch.library wrapper turns them into empty tensors
-    prev_out = _alloc.empty_like(x) if noise is not None else None
-    mean = _alloc.empty_like(x) if return_mean else None
-    log_prob = _alloc.empty(B, dtype=torch.float32, device=x.device)
-    kl = _alloc.empty(B, dtype=torch.float32, device=x.device) if vr is not None else None
-    args = (_native.dtype_code(x.dtype), B, D, _ptr(x), _ptr(v), _ptr(vu), float(w), _ptr(noise), _ptr(prev_in),
-            _ptr(vr), _ptr(vru), _ptr(a), _ptr(c), _ptr(s), _ptr(prev_out), _ptr(mean), _ptr(log_prob), _ptr(kl))
-    if kind == "cpp":
-        C.sde_step_forward_cpu(*args, int(reduce_sum))
-    else:
-        nch = -(-D // 4096)  # kChunk in csrc/sde_step.h
-        workspace = _alloc.empty(2 * B * nch, dtype=torch.float32, device=x.device)
-        launch = C.sde_step_forward_cuda if kind == "cuda" else _cupy_forward
-        with torch.cuda.device(x.device):
-            stream = torch.cuda.current_stream(x.device).cuda_stream
-            launch(*args, _ptr(workspace), int(reduce_sum), stream)
-    return prev_out, mean, log_prob, kl
-
-
-def _native_backward(kind, x, v, vu, w, prev, vr, vru, a, c, s, g_log_prob, g_kl, g_prev, g_mean, sampling,
-                     reduce_sum, needs):
-    C, _ = _native.load()
-    B = x.shape[0]
-    D = x.numel() // B
-    want = [bool(n) and t is not None for n, t in zip(needs, (x, v, vu, None if sampling else prev, vr, vru))]
-    outs = [_alloc.empty_like(x) if wnt else None for wnt in want]
-    args = (_native.dtype_code(x.dtype), B, D, _ptr(x), _ptr(v), _ptr(vu), float(w), _ptr(prev), _ptr(vr), _ptr(vru),
-            _ptr(a), _ptr(c), _ptr(s), _ptr(g_log_prob), _ptr(g_kl), _ptr(g_prev), _ptr(g_mean), int(sampling),
-            int(reduce_sum), *[_ptr(o) for o in outs])
-    if kind == "cpp":
-        C.sde_step_backward_cpu(*args)
-    else:
-        launch = C.sde_step_backward_cuda if kind == "cuda" else _cupy_backward
-        with torch.cuda.device(x.device):
-            launch(*args, torch.cuda.current_stream(x.device).cuda_stream)
-    return tuple(outs)
-
-
-# The cupy backend's launchers: csrc/sde_step.cu's forward_cuda / backward_cuda launch for launch
-# (same arguments as the diffrl._C bindings, same kernels, same geometry).
-def _cupy_forward(dtype, B, D, x, v, vu, w, noise, prev_in, vr, vru, a, c, s, prev_out, mean, log_prob, kl,
-                  workspace, reduce_sum, stream):
-    from diffrl.ops import _cupy_backend as cb  # noqa: PLC0415
-
-    if B == 0 or D == 0:
-        return
-    k = cb.constants("sde_step.h", "sde_step_kernels.cuh")
-    nch = -(-D // k["kChunk"])
-    tasks = B * nch
-    part_sq, part_kl = workspace, workspace + 4 * tasks  # two float32 arrays of `tasks`
-    name = cb.instance("diffrl::sde::forward_kernel", dtype, vu != 0, noise != 0, vr != 0, mean != 0)
-    P = cb.ptr
-    cb.launch(name, tasks, k["kThreads"],
-              (P(x), P(v), P(vu), cb.f32(w), P(noise), P(prev_in), P(vr), P(vru), P(a), P(c), P(s), P(prev_out),
-               P(mean), P(part_sq), P(part_kl), cb.i64(D), cb.i64(nch)), stream)
-    nt = k["kFinalizeThreads"]
-    cb.launch("diffrl::sde::finalize_kernel", -(-B // nt), nt,
-              (P(part_sq), P(part_kl if vr else 0), P(s), P(log_prob), P(kl), cb.i64(B), cb.i64(D), cb.i64(nch),
-               cb.i32(reduce_sum)), stream)
-
-
-def _cupy_backward(dtype, B, D, x, v, vu, w, prev, vr, vru, a, c, s, g_log_prob, g_kl, g_prev, g_mean, sampling,
-                   reduce_sum, gx, gv, gvu, gxp, gvr, gvru, stream):
-    from diffrl.ops import _cupy_backend as cb  # noqa: PLC0415
-
-    if B == 0 or D == 0:
-        return
-    k = cb.constants("sde_step.h", "sde_step_kernels.cuh")
-    nch = -(-D // k["kChunk"])
-    name = cb.instance("diffrl::sde::backward_kernel", dtype, vu != 0, bool(sampling), vr != 0)
-    P = cb.ptr
-    cb.launch(name, B * nch, k["kThreads"],
-              (P(x), P(v), P(vu), cb.f32(w), P(prev), P(vr), P(vru), P(a), P(c), P(s), P(g_log_prob), P(g_kl),
-               P(g_prev), P(g_mean), P(gx), P(gv), P(gvu), P(gxp), P(gvr), P(gvru), cb.i64(D), cb.i64(nch),
-               cb.i32(reduce_sum)), stream)
-
-
-def _forward_impl(backend):
-    if backend == "triton":
-        from diffrl.kernels.sde_step import sde_step_forward  # noqa: PLC0415
-
-        return sde_step_forward
-    return lambda *args: _native_forward(backend, *args)
-
-
-def _backward_impl(backend):
-    if backend == "triton":
-        from diffrl.kernels.sde_step import sde_step_backward  # noqa: PLC0415
-
-        return sde_step_backward
-    return lambda *args: _native_backward(backend, *args)
-
-
-# ----------------------------------------------------------------------------------------------
 # torch.library ops (opaque to torch.compile, with fake implementations) and autograd
 
 LIB.define(
@@ -289,14 +183,15 @@ LIB.define(
 
 
 def _sde_step_fwd(x, v, vu, w, noise, prev_in, vr, vru, a, c, s, reduce_sum, return_mean, backend):
-    """Implementations may return None for absent outputs (eager callers accept that)."""
-    return _forward_impl(backend)(x, v, vu, w, noise, prev_in, vr, vru, a, c, s, reduce_sum, return_mean)
+    """Launchers may return None for absent outputs (eager callers accept that)."""
+    return _dispatch.launcher(backend, "sde_step_forward")(x, v, vu, w, noise, prev_in, vr, vru, a, c, s, reduce_sum,
+                                                           return_mean)
 
 
 def _sde_step_bwd(x, v, vu, w, prev, vr, vru, a, c, s, g_log_prob, g_kl, g_prev, g_mean, sampling, reduce_sum,
                   needs, backend):
-    return _backward_impl(backend)(x, v, vu, w, prev, vr, vru, a, c, s, g_log_prob, g_kl, g_prev, g_mean, sampling,
-                                   reduce_sum, needs)
+    return _dispatch.launcher(backend, "sde_step_backward")(x, v, vu, w, prev, vr, vru, a, c, s, g_log_prob, g_kl,
+                                                            g_prev, g_mean, sampling, reduce_sum, needs)
 
 
 def _tensors_only(outs, dtypes, x):
