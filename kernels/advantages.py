@@ -1,5 +1,5 @@
-"""group_advantages and win_rate in Triton. Same signatures as the native launchers in
-diffrl/ops/advantages.py; see its docstring for the design.
+"""group_advantages and win_rate in Triton. Same signatures as the other backends' launchers
+(diffrl/ops/_native_backend.py); see diffrl/ops/advantages.py's docstring for the design.
 
 group_advantages: one program per sorted row. A row that starts a segment (its id differs from
 the previous row's) scans for the segment's end, reduces the segment in float64 tiles of BLOCK_G

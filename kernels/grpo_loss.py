@@ -1,5 +1,5 @@
 """grpo_loss in Triton: per-chunk partial sums, a one-program finalize, and the element-wise backward.
-Same signatures as the native launchers in diffrl/ops/loss.py.
+Same signatures as the other backends' launchers (diffrl/ops/_native_backend.py).
 
 Element arithmetic is float32 (with fp fusion off, as in the C++ and CUDA kernels); the partial
 sums are float64, reduced by tl.sum in a fixed tree and over chunks in order: deterministic.

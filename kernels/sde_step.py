@@ -1,5 +1,5 @@
 """sde_step in Triton: the forward with per-chunk partial sums, a per-sample finalize, and the
-element-wise backward. Same signature as the native launchers in diffrl/ops/sde_step.py.
+element-wise backward. Same signatures as the other backends' launchers (diffrl/ops/_native_backend.py).
 
 One program per (sample, chunk of BLOCK elements); partial sums are reduced by tl.sum (a fixed
 tree for a given BLOCK) and summed over chunks in order by the finalize kernel, so results do not

@@ -1,4 +1,5 @@
-"""Batched reward attention: ``diffrl.ops.reward_attention`` (DESIGN.md 3.3)."""
+"""Batched reward attention: ``diffrl.ops.reward_attention`` (what it does and why: its docstring below;
+how the fused kernel works: kernels/reward_attention.py)."""
 
 from __future__ import annotations
 

@@ -78,7 +78,7 @@ def sde_step_reference(
 
 
 # ----------------------------------------------------------------------------------------------
-# group advantages, win rate, GRPO/PPO loss (issue 3)
+# group advantages, win rate, GRPO/PPO loss
 
 
 def global_std(cols: torch.Tensor) -> torch.Tensor:
@@ -234,7 +234,7 @@ def grpo_loss_reference(
 
 
 # ----------------------------------------------------------------------------------------------
-# batched reward attention (issue 4)
+# batched reward attention
 
 
 def reward_attention_reference(
