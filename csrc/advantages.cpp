@@ -62,12 +62,8 @@ void group_impl(const GroupArgs& p) {
         const double denom =
             denominator(p.std_mode, sq, n, p.global_std ? p.global_std[c] : 0.0, p.eps, mn == mx);
         if (MODE == kDense) {
-          for (long long j = s; j < e; ++j) {
-            const long long row = order[j];
-            double a = normalized(column_value<MODE>(vals, K, w, row, c), mean, denom);
-            if (p.has_clip) a = clamp_abs(a, p.clip);
-            out[row * T + c] = static_cast<float>(sw ? a * sw[c] : a);
-          }
+          for (long long j = s; j < e; ++j)
+            write_dense_step(vals, K, order[j], c, mean, denom, sw, T, p.has_clip, p.clip, out);
         } else if (MODE == kEach) {
           stats[2 * c] = mean;
           stats[2 * c + 1] = denom;
@@ -77,19 +73,8 @@ void group_impl(const GroupArgs& p) {
         }
       }
       if (MODE != kDense) {
-        for (long long j = s; j < e; ++j) {
-          const long long row = order[j];
-          double a;
-          if (MODE == kEach) {
-            a = 0.0;
-            for (long long c = 0; c < C; ++c)
-              a = a + normalized(column_value<MODE>(vals, K, w, row, c), stats[2 * c], stats[2 * c + 1]) * w[c];
-          } else {
-            a = normalized(column_value<MODE>(vals, K, w, row, 0), mean0, denom0);
-          }
-          if (p.has_clip) a = clamp_abs(a, p.clip);
-          for (long long t = 0; t < T; ++t) out[row * T + t] = static_cast<float>(sw ? a * sw[t] : a);
-        }
+        for (long long j = s; j < e; ++j)
+          write_row<MODE>(vals, K, w, order[j], mean0, denom0, stats.data(), sw, T, p.has_clip, p.clip, out);
       }
     }
   }
@@ -116,12 +101,12 @@ void win_rate_impl(const WinRateArgs& p) {
 
 void group_advantages_cpu(const GroupArgs& p) {
   if (p.B == 0) return;
-  if (p.vals_double) group_dtype<double>(p); else group_dtype<float>(p);
+  DIFFRL_DISPATCH_FLOAT_DOUBLE(p.vals_double, group_dtype<V>(p));
 }
 
 void win_rate_cpu(const WinRateArgs& p) {
   if (p.B == 0) return;
-  if (p.vals_double) win_rate_impl<double>(p); else win_rate_impl<float>(p);
+  DIFFRL_DISPATCH_FLOAT_DOUBLE(p.vals_double, win_rate_impl<V>(p));
 }
 
 // grpo_loss: partial sums per kLossChunk elements (in parallel), then summed in chunk order.
@@ -154,16 +139,7 @@ void loss_forward_cpu(const LossArgs& p) {
     mn = q[5] < mn ? q[5] : mn;
     mx = q[6] > mx ? q[6] : mx;
   }
-  const double n = static_cast<double>(N);
-  const double policy = tot[0] / n, kl = tot[4] / n;
-  p.loss[0] = static_cast<float>(policy + static_cast<double>(p.kl_coef) * kl);
-  p.stats[kPolicy] = static_cast<float>(policy);
-  p.stats[kKl] = static_cast<float>(kl);
-  p.stats[kClipFrac] = static_cast<float>(tot[1] / n);
-  p.stats[kApproxKl] = static_cast<float>(0.5 * tot[2] / n);
-  p.stats[kRatioMean] = static_cast<float>(tot[3] / n);
-  p.stats[kRatioMin] = static_cast<float>(mn);
-  p.stats[kRatioMax] = static_cast<float>(mx);
+  loss_finish(tot, mn, mx, N, p.kl_coef, p.loss, p.stats);
 }
 
 void loss_backward_cpu(const LossBackwardArgs& p) {

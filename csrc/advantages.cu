@@ -46,18 +46,15 @@ void group_advantages_cuda(const GroupArgs& p) {
   if (p.B > 0x7fffffffLL) throw std::invalid_argument("group_advantages: more than 2^31 - 1 rows");
   if (p.mode == kEach && 2 * p.K * static_cast<long long>(sizeof(double)) > 48 * 1024)
     throw std::invalid_argument("group_advantages: too many reward heads for normalize_each");
-  if (p.vals_double) group_dtype<double>(p); else group_dtype<float>(p);
+  DIFFRL_DISPATCH_FLOAT_DOUBLE(p.vals_double, group_dtype<V>(p));
 }
 
 void win_rate_cuda(const WinRateArgs& p) {
   if (p.B == 0) return;
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(p.stream);
-  if (p.vals_double)
-    win_rate_kernel<double><<<grid_for(p.B, kWinThreads), kWinThreads, 0, stream>>>(
-        static_cast<const double*>(p.vals), p.order, p.sorted_ids, p.B, p.out);
-  else
-    win_rate_kernel<float><<<grid_for(p.B, kWinThreads), kWinThreads, 0, stream>>>(
-        static_cast<const float*>(p.vals), p.order, p.sorted_ids, p.B, p.out);
+  const unsigned grid = grid_for(p.B, kWinThreads);
+  DIFFRL_DISPATCH_FLOAT_DOUBLE(p.vals_double, win_rate_kernel<V><<<grid, kWinThreads, 0, stream>>>(
+                                                  static_cast<const V*>(p.vals), p.order, p.sorted_ids, p.B, p.out));
   check_launch("win_rate");
 }
 

@@ -50,6 +50,37 @@ DIFFRL_HD double normalized(double x, double mean, double denom) { return denom 
 
 DIFFRL_HD double clamp_abs(double a, double clip) { return a < -clip ? -clip : (a > clip ? clip : a); }
 
+// ---- the finish of a segment, shared by the CPU and CUDA kernels: once a column's mean and
+// denominator are known, every row of the segment is written by these (so both round alike) ----
+
+// Mode kDense: row `row`'s advantage at step c (its own statistic column), clipped and weighted.
+template <typename V>
+DIFFRL_HD void write_dense_step(const V* vals, long long K, long long row, long long c, double mean, double denom,
+                                const double* sw, long long T, int has_clip, double clip, float* out) {
+  double a = normalized(column_value<kDense>(vals, K, nullptr, row, c), mean, denom);
+  if (has_clip) a = clamp_abs(a, clip);
+  out[row * T + c] = static_cast<float>(sw ? a * sw[c] : a);
+}
+
+// Modes kSingle and kEach: row `row`'s advantage, clipped, broadcast to its T steps (weighted).
+// kSingle uses (mean0, denom0); kEach sums w_k times each column's advantage, with the columns'
+// (mean, denom) pairs in each_stats[2 c], each_stats[2 c + 1].
+template <int MODE, typename V>
+DIFFRL_HD void write_row(const V* vals, long long K, const double* w, long long row, double mean0, double denom0,
+                         const double* each_stats, const double* sw, long long T, int has_clip, double clip,
+                         float* out) {
+  double a;
+  if (MODE == kEach) {
+    a = 0.0;
+    for (long long c = 0; c < K; ++c)
+      a = a + normalized(column_value<MODE>(vals, K, w, row, c), each_stats[2 * c], each_stats[2 * c + 1]) * w[c];
+  } else {
+    a = normalized(column_value<MODE>(vals, K, w, row, 0), mean0, denom0);
+  }
+  if (has_clip) a = clamp_abs(a, clip);
+  for (long long t = 0; t < T; ++t) out[row * T + t] = static_cast<float>(sw ? a * sw[t] : a);
+}
+
 // Pref-GRPO's win rate of the sample at sorted position j. Rows are sorted by (group id, value):
 // the group is [lo, hi) and its values ascend, so binary searches count the members below and
 // equal to x. Result: (below + (equal - 1) / 2) / (n - 1), or 0.5 alone; exact counts, one rounding.
@@ -131,6 +162,22 @@ enum LossStat : int { kPolicy = 0, kKl, kClipFrac, kApproxKl, kRatioMean, kRatio
 constexpr int kLossParts = 7;
 constexpr long long kLossChunk = 4096;  // elements per partial sum (CPU and CUDA alike)
 DIFFRL_HD long long num_loss_chunks(long long N) { return (N + kLossChunk - 1) / kLossChunk; }
+
+// The loss and its stats from the totals over all N elements (tot: term, clipped, diff^2, ratio,
+// kl, in the order of the partial sums) and the ratio's min and max; CPU and CUDA alike.
+DIFFRL_HD void loss_finish(const double* tot, double ratio_min, double ratio_max, long long N, float kl_coef,
+                           float* loss, float* stats) {
+  const double n = static_cast<double>(N);
+  const double policy = tot[0] / n, kl = tot[4] / n;
+  loss[0] = static_cast<float>(policy + static_cast<double>(kl_coef) * kl);
+  stats[kPolicy] = static_cast<float>(policy);
+  stats[kKl] = static_cast<float>(kl);
+  stats[kClipFrac] = static_cast<float>(tot[1] / n);
+  stats[kApproxKl] = static_cast<float>(0.5 * tot[2] / n);
+  stats[kRatioMean] = static_cast<float>(tot[3] / n);
+  stats[kRatioMin] = static_cast<float>(ratio_min);
+  stats[kRatioMax] = static_cast<float>(ratio_max);
+}
 
 }  // namespace adv
 }  // namespace diffrl

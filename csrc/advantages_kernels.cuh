@@ -94,12 +94,8 @@ __global__ void __launch_bounds__(kGroupThreads) group_kernel(
     }
     const double denom = denominator(std_mode, sq, n, gstd ? gstd[c] : 0.0, eps, mn == mx);
     if (MODE == kDense) {
-      for (long long j = s + threadIdx.x; j < e; j += kGroupThreads) {
-        const long long row = order[j];
-        double a = normalized(column_value<MODE>(vals, K, w, row, c), mean, denom);
-        if (has_clip) a = clamp_abs(a, clip);
-        out[row * T + c] = static_cast<float>(sw ? a * sw[c] : a);
-      }
+      for (long long j = s + threadIdx.x; j < e; j += kGroupThreads)
+        write_dense_step(vals, K, order[j], c, mean, denom, sw, T, has_clip, clip, out);
     } else if (MODE == kEach) {
       if (threadIdx.x == 0) {
         s_stats[2 * c] = mean;
@@ -112,19 +108,8 @@ __global__ void __launch_bounds__(kGroupThreads) group_kernel(
   }
   if (MODE != kDense) {
     if (MODE == kEach) __syncthreads();  // s_stats written by thread 0
-    for (long long j = s + threadIdx.x; j < e; j += kGroupThreads) {
-      const long long row = order[j];
-      double a;
-      if (MODE == kEach) {
-        a = 0.0;
-        for (long long c = 0; c < C; ++c)
-          a = a + normalized(column_value<MODE>(vals, K, w, row, c), s_stats[2 * c], s_stats[2 * c + 1]) * w[c];
-      } else {
-        a = normalized(column_value<MODE>(vals, K, w, row, 0), mean0, denom0);
-      }
-      if (has_clip) a = clamp_abs(a, clip);
-      for (long long t = 0; t < T; ++t) out[row * T + t] = static_cast<float>(sw ? a * sw[t] : a);
-    }
+    for (long long j = s + threadIdx.x; j < e; j += kGroupThreads)
+      write_row<MODE>(vals, K, w, order[j], mean0, denom0, s_stats, sw, T, has_clip, clip, out);
   }
 }
 
@@ -187,18 +172,7 @@ __global__ void __launch_bounds__(kLossThreads) loss_finalize_kernel(const doubl
   for (int k = 0; k < 5; ++k) tot[k] = block_all_reduce<kLossThreads>(tot[k], s_d, SumOp());
   mn = block_all_reduce<kLossThreads>(mn, s_d, MinOp());
   mx = block_all_reduce<kLossThreads>(mx, s_d, MaxOp());
-  if (threadIdx.x == 0) {
-    const double n = static_cast<double>(N);
-    const double policy = tot[0] / n, klm = tot[4] / n;
-    loss[0] = static_cast<float>(policy + static_cast<double>(kl_coef) * klm);
-    stats[kPolicy] = static_cast<float>(policy);
-    stats[kKl] = static_cast<float>(klm);
-    stats[kClipFrac] = static_cast<float>(tot[1] / n);
-    stats[kApproxKl] = static_cast<float>(0.5 * tot[2] / n);
-    stats[kRatioMean] = static_cast<float>(tot[3] / n);
-    stats[kRatioMin] = static_cast<float>(mn);
-    stats[kRatioMax] = static_cast<float>(mx);
-  }
+  if (threadIdx.x == 0) loss_finish(tot, mn, mx, N, kl_coef, loss, stats);
 }
 
 __global__ void __launch_bounds__(kLossThreads) loss_backward_kernel(

@@ -1,9 +1,10 @@
 // Element types shared by the C++ (CPU) and CUDA kernels.
 //
 // Storage is plain: float, or the 16 raw bits of a float16/bfloat16 value. Arithmetic is always
-// float32. Conversions round to nearest even, like torch's. Under CUDA the file includes no header
-// at all (not even cuda_fp16.h), so that CUDA's runtime compiler (NVRTC, the cupy backend) reads it
-// with no toolkit installed: libnvrtc alone is enough.
+// float32. Conversions round to nearest even, like torch's. Under NVRTC the file includes no header
+// at all (not even cuda_fp16.h), so that CUDA's runtime compiler (the cupy backend) reads it with no
+// toolkit installed: libnvrtc alone is enough. The host-only part at the end (the dtype dispatch
+// of the entry points) is left out there.
 #pragma once
 
 // Helpers have internal linkage (static): the CPU kernels are compiled once per instruction set
@@ -122,3 +123,40 @@ template <int DT> DIFFRL_HD typename Storage<DT>::type to_storage(float f) {
 }
 
 }  // namespace diffrl
+
+#if !defined(__CUDACC_RTC__)
+// Dtype dispatch for host code (the entry points): runs the statements that follow with DT bound,
+// as a compile-time constant, to the dtype code `code`, and throws std::invalid_argument
+// ("<what>: unsupported dtype code N") for any other code. One switch for every entry point:
+//   DIFFRL_DISPATCH_DTYPE(p.dtype, "sde_step", forward_dtype<DT>(p));
+#include <stdexcept>
+#include <string>
+#define DIFFRL_DTYPE_CASE(code_value, ...)              \
+  case code_value: {                                     \
+    constexpr int DT = code_value;                       \
+    __VA_ARGS__;                                         \
+    break;                                               \
+  }
+#define DIFFRL_DISPATCH_DTYPE(code, what, ...)                                                              \
+  do {                                                                                                      \
+    switch (code) {                                                                                         \
+      DIFFRL_DTYPE_CASE(::diffrl::kFloat32, __VA_ARGS__)                                                    \
+      DIFFRL_DTYPE_CASE(::diffrl::kFloat16, __VA_ARGS__)                                                    \
+      DIFFRL_DTYPE_CASE(::diffrl::kBFloat16, __VA_ARGS__)                                                   \
+      default:                                                                                              \
+        throw std::invalid_argument(std::string(what) + ": unsupported dtype code " + std::to_string(code)); \
+    }                                                                                                       \
+  } while (0)
+
+// The same for the float32/float64 value kernels (group_advantages, win_rate): V is float or double.
+#define DIFFRL_DISPATCH_FLOAT_DOUBLE(is_double, ...) \
+  do {                                               \
+    if (is_double) {                                 \
+      typedef double V;                              \
+      __VA_ARGS__;                                   \
+    } else {                                         \
+      typedef float V;                               \
+      __VA_ARGS__;                                   \
+    }                                                \
+  } while (0)
+#endif

@@ -69,22 +69,12 @@ void backward_dtype(const BackwardArgs& p) {
 
 void forward_cuda(const ForwardArgs& p) {
   if (p.B == 0 || p.D == 0) return;
-  switch (p.dtype) {
-    case kFloat32: return forward_dtype<kFloat32>(p);
-    case kFloat16: return forward_dtype<kFloat16>(p);
-    case kBFloat16: return forward_dtype<kBFloat16>(p);
-  }
-  throw std::invalid_argument("sde_step: unsupported dtype code");
+  DIFFRL_DISPATCH_DTYPE(p.dtype, "sde_step", forward_dtype<DT>(p));
 }
 
 void backward_cuda(const BackwardArgs& p) {
   if (p.B == 0 || p.D == 0) return;
-  switch (p.dtype) {
-    case kFloat32: return backward_dtype<kFloat32>(p);
-    case kFloat16: return backward_dtype<kFloat16>(p);
-    case kBFloat16: return backward_dtype<kBFloat16>(p);
-  }
-  throw std::invalid_argument("sde_step: unsupported dtype code");
+  DIFFRL_DISPATCH_DTYPE(p.dtype, "sde_step", backward_dtype<DT>(p));
 }
 
 }  // namespace sde
