@@ -1,6 +1,8 @@
 // Host-side entry points of group_advantages, win_rate and grpo_loss, called by
 // advantages_bindings.cpp. Pointers are raw device or host addresses handed over from Python
-// (torch's data_ptr()); nullptr means "absent". Python validates every argument first.
+// (torch's data_ptr()); nullptr means "absent". Python validates every argument first, and passes
+// each field by its name here (diffrl/ops/_native_backend.py, and the cupy backend's launchers
+// take the same names): a field renamed here must be renamed there.
 #pragma once
 #include <cstdint>
 

@@ -1,11 +1,13 @@
-// Python bindings of group_advantages, win_rate and grpo_loss (registered into diffrl._C by bindings.cpp).
+// Python bindings of group_advantages, win_rate and grpo_loss (registered into diffrl._C by
+// bindings.cpp). Every entry point takes keyword arguments only, one per field of its argument
+// struct (advantages_api.h), by the field's name.
 #include <pybind11/pybind11.h>
 
-#include <cstdint>
-
 #include "advantages_api.h"
+#include "kwargs.h"
 
 namespace py = pybind11;
+using diffrl::KwargsReader;
 using diffrl::adv::GroupArgs;
 using diffrl::adv::LossArgs;
 using diffrl::adv::LossBackwardArgs;
@@ -13,84 +15,34 @@ using diffrl::adv::WinRateArgs;
 
 namespace {
 
-template <typename T>
-T* ptr(std::uintptr_t p) {
-  return reinterpret_cast<T*>(p);
+// GPU entry points also take the stream (and the loss forward a workspace); the CPU ones leave them 0.
+template <bool GPU>
+void read_group(KwargsReader& r, GroupArgs& p) {
+  r("vals_double", p.vals_double)("B", p.B)("K", p.K)("vals", p.vals)("weights", p.weights)("order", p.order)
+   ("sorted_ids", p.sorted_ids)("global_std", p.global_std)("step_weights", p.step_weights)("T", p.T)("mode", p.mode)
+   ("std_mode", p.std_mode)("eps", p.eps)("clip", p.clip)("has_clip", p.has_clip)("out", p.out);
+  if (GPU) r("stream", p.stream);
 }
 
-GroupArgs group_args(int vals_double, long long B, long long K, std::uintptr_t vals, std::uintptr_t weights,
-                     std::uintptr_t order, std::uintptr_t sorted_ids, std::uintptr_t global_std,
-                     std::uintptr_t step_weights, long long T, int mode, int std_mode, double eps, double clip,
-                     int has_clip, std::uintptr_t out, std::uintptr_t stream) {
-  GroupArgs p;
-  p.vals_double = vals_double;
-  p.B = B;
-  p.K = K;
-  p.vals = ptr<const void>(vals);
-  p.weights = ptr<const double>(weights);
-  p.order = ptr<const long long>(order);
-  p.sorted_ids = ptr<const long long>(sorted_ids);
-  p.global_std = ptr<const double>(global_std);
-  p.step_weights = ptr<const double>(step_weights);
-  p.T = T;
-  p.mode = mode;
-  p.std_mode = std_mode;
-  p.eps = eps;
-  p.clip = clip;
-  p.has_clip = has_clip;
-  p.out = ptr<float>(out);
-  p.stream = stream;
-  return p;
+template <bool GPU>
+void read_win_rate(KwargsReader& r, WinRateArgs& p) {
+  r("vals_double", p.vals_double)("B", p.B)("vals", p.vals)("order", p.order)("sorted_ids", p.sorted_ids)
+   ("out", p.out);
+  if (GPU) r("stream", p.stream);
 }
 
-WinRateArgs win_args(int vals_double, long long B, std::uintptr_t vals, std::uintptr_t order,
-                     std::uintptr_t sorted_ids, std::uintptr_t out, std::uintptr_t stream) {
-  WinRateArgs p;
-  p.vals_double = vals_double;
-  p.B = B;
-  p.vals = ptr<const void>(vals);
-  p.order = ptr<const long long>(order);
-  p.sorted_ids = ptr<const long long>(sorted_ids);
-  p.out = ptr<float>(out);
-  p.stream = stream;
-  return p;
+template <bool GPU>
+void read_loss(KwargsReader& r, LossArgs& p) {
+  r("N", p.N)("adv_div", p.adv_div)("log_prob", p.log_prob)("old_log_prob", p.old_log_prob)("adv", p.adv)
+   ("kl", p.kl)("lo", p.lo)("hi", p.hi)("kl_coef", p.kl_coef)("loss", p.loss)("stats", p.stats);
+  if (GPU) r("workspace", p.workspace)("stream", p.stream);
 }
 
-LossArgs loss_args(long long N, long long adv_div, std::uintptr_t logp, std::uintptr_t old, std::uintptr_t adv,
-                   std::uintptr_t kl, float lo, float hi, float kl_coef, std::uintptr_t loss, std::uintptr_t stats,
-                   std::uintptr_t workspace, std::uintptr_t stream) {
-  LossArgs p;
-  p.N = N;
-  p.adv_div = adv_div;
-  p.log_prob = ptr<const float>(logp);
-  p.old_log_prob = ptr<const float>(old);
-  p.adv = ptr<const float>(adv);
-  p.kl = ptr<const float>(kl);
-  p.lo = lo;
-  p.hi = hi;
-  p.kl_coef = kl_coef;
-  p.loss = ptr<float>(loss);
-  p.stats = ptr<float>(stats);
-  p.workspace = ptr<double>(workspace);
-  p.stream = stream;
-  return p;
-}
-
-LossBackwardArgs loss_bwd_args(long long N, long long adv_div, std::uintptr_t logp, std::uintptr_t old,
-                               std::uintptr_t adv, float lo, float hi, std::uintptr_t g_loss, std::uintptr_t g_logp,
-                               std::uintptr_t stream) {
-  LossBackwardArgs p;
-  p.N = N;
-  p.adv_div = adv_div;
-  p.log_prob = ptr<const float>(logp);
-  p.old_log_prob = ptr<const float>(old);
-  p.adv = ptr<const float>(adv);
-  p.lo = lo;
-  p.hi = hi;
-  p.g_loss = ptr<const float>(g_loss);
-  p.g_log_prob = ptr<float>(g_logp);
-  p.stream = stream;
-  return p;
+template <bool GPU>
+void read_loss_backward(KwargsReader& r, LossBackwardArgs& p) {
+  r("N", p.N)("adv_div", p.adv_div)("log_prob", p.log_prob)("old_log_prob", p.old_log_prob)("adv", p.adv)
+   ("lo", p.lo)("hi", p.hi)("g_loss", p.g_loss)("g_log_prob", p.g_log_prob);
+  if (GPU) r("stream", p.stream);
 }
 
 }  // namespace
@@ -98,62 +50,28 @@ LossBackwardArgs loss_bwd_args(long long N, long long adv_div, std::uintptr_t lo
 namespace diffrl {
 
 void bind_advantages(py::module_& m) {
-  m.def("group_advantages_cpu",
-        [](int vals_double, long long B, long long K, std::uintptr_t vals, std::uintptr_t weights,
-           std::uintptr_t order, std::uintptr_t sorted_ids, std::uintptr_t global_std, std::uintptr_t step_weights,
-           long long T, int mode, int std_mode, double eps, double clip, int has_clip, std::uintptr_t out) {
-          GroupArgs p = group_args(vals_double, B, K, vals, weights, order, sorted_ids, global_std, step_weights, T,
-                                   mode, std_mode, eps, clip, has_clip, out, 0);
-          py::gil_scoped_release nogil;
-          diffrl::adv::group_advantages_cpu(p);
-        });
-  m.def("win_rate_cpu", [](int vals_double, long long B, std::uintptr_t vals, std::uintptr_t order,
-                           std::uintptr_t sorted_ids, std::uintptr_t out) {
-    WinRateArgs p = win_args(vals_double, B, vals, order, sorted_ids, out, 0);
-    py::gil_scoped_release nogil;
-    diffrl::adv::win_rate_cpu(p);
-  });
-  m.def("grpo_loss_forward_cpu",
-        [](long long N, long long adv_div, std::uintptr_t logp, std::uintptr_t old, std::uintptr_t adv,
-           std::uintptr_t kl, float lo, float hi, float kl_coef, std::uintptr_t loss, std::uintptr_t stats) {
-          LossArgs p = loss_args(N, adv_div, logp, old, adv, kl, lo, hi, kl_coef, loss, stats, 0, 0);
-          py::gil_scoped_release nogil;
-          diffrl::adv::loss_forward_cpu(p);
-        });
-  m.def("grpo_loss_backward_cpu",
-        [](long long N, long long adv_div, std::uintptr_t logp, std::uintptr_t old, std::uintptr_t adv, float lo,
-           float hi, std::uintptr_t g_loss, std::uintptr_t g_logp) {
-          LossBackwardArgs p = loss_bwd_args(N, adv_div, logp, old, adv, lo, hi, g_loss, g_logp, 0);
-          py::gil_scoped_release nogil;
-          diffrl::adv::loss_backward_cpu(p);
-        });
-
+  // CPU kernels: the GIL is released while they run; CUDA launches are asynchronous
+  def_kwargs<GroupArgs, read_group<false>, adv::group_advantages_cpu, true>(
+      m, "group_advantages_cpu", "group_advantages on CPU memory; keyword arguments: the fields of adv::GroupArgs");
+  def_kwargs<WinRateArgs, read_win_rate<false>, adv::win_rate_cpu, true>(
+      m, "win_rate_cpu", "win_rate on CPU memory; keyword arguments: the fields of adv::WinRateArgs");
+  def_kwargs<LossArgs, read_loss<false>, adv::loss_forward_cpu, true>(
+      m, "grpo_loss_forward_cpu", "grpo_loss forward on CPU memory; keyword arguments: the fields of adv::LossArgs");
+  def_kwargs<LossBackwardArgs, read_loss_backward<false>, adv::loss_backward_cpu, true>(
+      m, "grpo_loss_backward_cpu",
+      "grpo_loss backward on CPU memory; keyword arguments: the fields of adv::LossBackwardArgs");
 #ifdef DIFFRL_WITH_CUDA
-  m.def("group_advantages_cuda",
-        [](int vals_double, long long B, long long K, std::uintptr_t vals, std::uintptr_t weights,
-           std::uintptr_t order, std::uintptr_t sorted_ids, std::uintptr_t global_std, std::uintptr_t step_weights,
-           long long T, int mode, int std_mode, double eps, double clip, int has_clip, std::uintptr_t out,
-           std::uintptr_t stream) {
-          diffrl::adv::group_advantages_cuda(group_args(vals_double, B, K, vals, weights, order, sorted_ids,
-                                                        global_std, step_weights, T, mode, std_mode, eps, clip,
-                                                        has_clip, out, stream));
-        });
-  m.def("win_rate_cuda", [](int vals_double, long long B, std::uintptr_t vals, std::uintptr_t order,
-                            std::uintptr_t sorted_ids, std::uintptr_t out, std::uintptr_t stream) {
-    diffrl::adv::win_rate_cuda(win_args(vals_double, B, vals, order, sorted_ids, out, stream));
-  });
-  m.def("grpo_loss_forward_cuda",
-        [](long long N, long long adv_div, std::uintptr_t logp, std::uintptr_t old, std::uintptr_t adv,
-           std::uintptr_t kl, float lo, float hi, float kl_coef, std::uintptr_t loss, std::uintptr_t stats,
-           std::uintptr_t workspace, std::uintptr_t stream) {
-          diffrl::adv::loss_forward_cuda(
-              loss_args(N, adv_div, logp, old, adv, kl, lo, hi, kl_coef, loss, stats, workspace, stream));
-        });
-  m.def("grpo_loss_backward_cuda",
-        [](long long N, long long adv_div, std::uintptr_t logp, std::uintptr_t old, std::uintptr_t adv, float lo,
-           float hi, std::uintptr_t g_loss, std::uintptr_t g_logp, std::uintptr_t stream) {
-          diffrl::adv::loss_backward_cuda(loss_bwd_args(N, adv_div, logp, old, adv, lo, hi, g_loss, g_logp, stream));
-        });
+  def_kwargs<GroupArgs, read_group<true>, adv::group_advantages_cuda, false>(
+      m, "group_advantages_cuda",
+      "group_advantages on the given stream; keyword arguments: the fields of adv::GroupArgs");
+  def_kwargs<WinRateArgs, read_win_rate<true>, adv::win_rate_cuda, false>(
+      m, "win_rate_cuda", "win_rate on the given stream; keyword arguments: the fields of adv::WinRateArgs");
+  def_kwargs<LossArgs, read_loss<true>, adv::loss_forward_cuda, false>(
+      m, "grpo_loss_forward_cuda",
+      "grpo_loss forward on the given stream; keyword arguments: the fields of adv::LossArgs");
+  def_kwargs<LossBackwardArgs, read_loss_backward<true>, adv::loss_backward_cuda, false>(
+      m, "grpo_loss_backward_cuda",
+      "grpo_loss backward on the given stream; keyword arguments: the fields of adv::LossBackwardArgs");
 #endif
 }
 

@@ -1,5 +1,6 @@
 // diffrl._C: the pybind11 module. No libtorch: Python passes raw addresses (tensor.data_ptr()),
-// sizes and the CUDA stream as integers, after validating every argument (diffrl/ops/*.py).
+// sizes and the CUDA stream as integers, after validating every argument (diffrl/ops/*.py), by
+// keyword into the entry points' argument structs (kwargs.h).
 // Each op registers its functions from its own <op>_bindings.cpp.
 #include <pybind11/pybind11.h>
 

@@ -1,5 +1,7 @@
-// Host-side entry points of sde_step, called by bindings.cpp. Pointers are raw device or host
-// addresses handed over from Python (torch's data_ptr()); nullptr means "absent".
+// Host-side entry points of sde_step, called by sde_step_bindings.cpp. Pointers are raw device or
+// host addresses handed over from Python (torch's data_ptr()); nullptr means "absent". Python
+// passes each field by its name here (diffrl/ops/_native_backend.py, and the cupy backend's
+// launchers take the same names): a field renamed here must be renamed there.
 #pragma once
 #include <cstdint>
 

@@ -332,25 +332,31 @@ def _record_launches(monkeypatch) -> list[tuple]:
     calls = []
     monkeypatch.setattr(cb, "launch", lambda name, grid, block, args, stream, shared_mem=0:
                         calls.append((name, grid, block, args, stream, shared_mem)))
-    # fake device addresses (nothing is launched): every argument the C++ bindings would get
+    # fake device addresses (nothing is launched): every argument the C++ bindings would get, by name
     p = iter(range(0x1000, 0x100000, 0x100))
     B, D = 3, 9000
     for dt, guid, smp, kl, mean in [(0, False, True, False, True), (1, True, False, True, False),
                                     (2, True, True, True, True)]:
-        cb.sde_step_forward(dt, B, D, next(p), next(p), next(p) if guid else 0, 4.5, next(p) if smp else 0,
-                              0 if smp else next(p), next(p) if kl else 0, next(p) if kl and guid else 0, next(p),
-                              next(p), next(p), next(p) if smp else 0, next(p) if mean else 0, next(p),
-                              next(p) if kl else 0, next(p), 1, 7)
-        cb.sde_step_backward(dt, B, D, next(p), next(p), next(p) if guid else 0, 4.5, next(p), next(p) if kl else 0,
-                               next(p) if kl and guid else 0, next(p), next(p), next(p), next(p), next(p) if kl else 0,
-                               0, next(p), int(smp), 0, next(p), next(p), next(p) if guid else 0, 0,
-                               next(p) if kl else 0, next(p) if kl and guid else 0, 7)
+        cb.sde_step_forward(dtype=dt, B=B, D=D, x=next(p), v=next(p), v_uncond=next(p) if guid else 0, w=4.5,
+                            noise=next(p) if smp else 0, prev_in=0 if smp else next(p), v_ref=next(p) if kl else 0,
+                            v_ref_uncond=next(p) if kl and guid else 0, a=next(p), c=next(p), s=next(p),
+                            prev_out=next(p) if smp else 0, mean_out=next(p) if mean else 0, log_prob=next(p),
+                            kl=next(p) if kl else 0, workspace=next(p), reduce_sum=1, stream=7)
+        cb.sde_step_backward(dtype=dt, B=B, D=D, x=next(p), v=next(p), v_uncond=next(p) if guid else 0, w=4.5,
+                             prev=next(p), v_ref=next(p) if kl else 0, v_ref_uncond=next(p) if kl and guid else 0,
+                             a=next(p), c=next(p), s=next(p), g_log_prob=next(p), g_kl=next(p) if kl else 0, g_prev=0,
+                             g_mean=next(p), sampling=int(smp), reduce_sum=0, g_x=next(p), g_v=next(p),
+                             g_v_uncond=next(p) if guid else 0, g_prev_in=0, g_v_ref=next(p) if kl else 0,
+                             g_v_ref_uncond=next(p) if kl and guid else 0, stream=7)
     for mode, double in [(0, 1), (1, 0), (2, 1)]:
-        cb.group_advantages(double, 1000, 5, next(p), next(p), next(p), next(p), 0, 0, 3, mode, 1, 1e-4, -1.0, 0,
-                            next(p), 7)
-    cb.win_rate(1, 1000, next(p), next(p), next(p), next(p), 7)
-    cb.grpo_loss_forward(10000, 4, next(p), next(p), next(p), next(p), 0.8, 1.28, 0.01, next(p), next(p), next(p), 7)
-    cb.grpo_loss_backward(10000, 4, next(p), next(p), next(p), 0.8, 1.28, next(p), next(p), 7)
+        cb.group_advantages(vals_double=double, B=1000, K=5, vals=next(p), weights=next(p), order=next(p),
+                            sorted_ids=next(p), global_std=0, step_weights=0, T=3, mode=mode, std_mode=1, eps=1e-4,
+                            clip=-1.0, has_clip=0, out=next(p), stream=7)
+    cb.win_rate(vals_double=1, B=1000, vals=next(p), order=next(p), sorted_ids=next(p), out=next(p), stream=7)
+    cb.grpo_loss_forward(N=10000, adv_div=4, log_prob=next(p), old_log_prob=next(p), adv=next(p), kl=next(p), lo=0.8,
+                         hi=1.28, kl_coef=0.01, loss=next(p), stats=next(p), workspace=next(p), stream=7)
+    cb.grpo_loss_backward(N=10000, adv_div=4, log_prob=next(p), old_log_prob=next(p), adv=next(p), lo=0.8, hi=1.28,
+                          g_loss=next(p), g_log_prob=next(p), stream=7)
     return calls
 
 

@@ -320,68 +320,73 @@ i64, i32, f32, f64 = np.int64, np.int32, np.float32, np.float64
 
 # ----------------------------------------------------------------------------------------------
 # the launchers: the pointer-level functions of diffrl.ops._native_backend's ``cupy`` backend. Each
-# takes the arguments of the diffrl._C binding of the same name + "_cuda" and launches what
-# csrc/<op>.cu launches: the same kernels, the same geometry, on the given stream.
+# takes the keyword arguments of the diffrl._C binding of the same name + "_cuda" (the fields of
+# the C++ argument struct) and launches what csrc/<op>.cu launches: the same kernels, the same
+# geometry, on the given stream.
 
 _MODE_EACH = 1  # adv::kEach in csrc/advantages.h
 
 
-def sde_step_forward(dtype, B, D, x, v, vu, w, noise, prev_in, vr, vru, a, c, s, prev_out, mean, log_prob, kl,
-                     workspace, reduce_sum, stream):
+def sde_step_forward(*, dtype, B, D, x, v, v_uncond, w, noise, prev_in, v_ref, v_ref_uncond, a, c, s, prev_out,
+                     mean_out, log_prob, kl, workspace, reduce_sum, stream):
     if B == 0 or D == 0:
         return
     k = constants("sde_step.h", "sde_step_kernels.cuh")
     nch = -(-D // k["kChunk"])
     tasks = B * nch
     part_sq, part_kl = workspace, workspace + 4 * tasks  # two float32 arrays of `tasks`
-    name = instance("diffrl::sde::forward_kernel", dtype, vu != 0, noise != 0, vr != 0, mean != 0)
+    name = instance("diffrl::sde::forward_kernel", dtype, v_uncond != 0, noise != 0, v_ref != 0, mean_out != 0)
     P = ptr
     launch(name, tasks, k["kThreads"],
-           (P(x), P(v), P(vu), f32(w), P(noise), P(prev_in), P(vr), P(vru), P(a), P(c), P(s), P(prev_out),
-            P(mean), P(part_sq), P(part_kl), i64(D), i64(nch)), stream)
+           (P(x), P(v), P(v_uncond), f32(w), P(noise), P(prev_in), P(v_ref), P(v_ref_uncond), P(a), P(c), P(s),
+            P(prev_out), P(mean_out), P(part_sq), P(part_kl), i64(D), i64(nch)), stream)
     nt = k["kFinalizeThreads"]
     launch("diffrl::sde::finalize_kernel", -(-B // nt), nt,
-           (P(part_sq), P(part_kl if vr else 0), P(s), P(log_prob), P(kl), i64(B), i64(D), i64(nch),
+           (P(part_sq), P(part_kl if v_ref else 0), P(s), P(log_prob), P(kl), i64(B), i64(D), i64(nch),
             i32(reduce_sum)), stream)
 
 
-def sde_step_backward(dtype, B, D, x, v, vu, w, prev, vr, vru, a, c, s, g_log_prob, g_kl, g_prev, g_mean, sampling,
-                      reduce_sum, gx, gv, gvu, gxp, gvr, gvru, stream):
+def sde_step_backward(*, dtype, B, D, x, v, v_uncond, w, prev, v_ref, v_ref_uncond, a, c, s, g_log_prob, g_kl,
+                      g_prev, g_mean, sampling, reduce_sum, g_x, g_v, g_v_uncond, g_prev_in, g_v_ref, g_v_ref_uncond,
+                      stream):
     if B == 0 or D == 0:
         return
     k = constants("sde_step.h", "sde_step_kernels.cuh")
     nch = -(-D // k["kChunk"])
-    name = instance("diffrl::sde::backward_kernel", dtype, vu != 0, bool(sampling), vr != 0)
+    name = instance("diffrl::sde::backward_kernel", dtype, v_uncond != 0, bool(sampling), v_ref != 0)
     P = ptr
     launch(name, B * nch, k["kThreads"],
-           (P(x), P(v), P(vu), f32(w), P(prev), P(vr), P(vru), P(a), P(c), P(s), P(g_log_prob), P(g_kl),
-            P(g_prev), P(g_mean), P(gx), P(gv), P(gvu), P(gxp), P(gvr), P(gvru), i64(D), i64(nch),
-            i32(reduce_sum)), stream)
+           (P(x), P(v), P(v_uncond), f32(w), P(prev), P(v_ref), P(v_ref_uncond), P(a), P(c), P(s), P(g_log_prob),
+            P(g_kl), P(g_prev), P(g_mean), P(g_x), P(g_v), P(g_v_uncond), P(g_prev_in), P(g_v_ref),
+            P(g_v_ref_uncond), i64(D), i64(nch), i32(reduce_sum)), stream)
 
 
-def grpo_loss_forward(N, adv_div, lp, old, adv, kl, lo, hi, kl_coef, loss, stats, workspace, stream):
+def grpo_loss_forward(*, N, adv_div, log_prob, old_log_prob, adv, kl, lo, hi, kl_coef, loss, stats, workspace,
+                      stream):
     if N == 0:
         return
     k = constants("advantages.h", "advantages_kernels.cuh")
     nch = -(-N // k["kLossChunk"])
     P = ptr
     launch("diffrl::adv::loss_partial_kernel", nch, k["kLossThreads"],
-           (P(lp), P(old), P(adv), i64(adv_div), P(kl), i64(N), f32(lo), f32(hi), P(workspace)), stream)
+           (P(log_prob), P(old_log_prob), P(adv), i64(adv_div), P(kl), i64(N), f32(lo), f32(hi), P(workspace)),
+           stream)
     launch("diffrl::adv::loss_finalize_kernel", 1, k["kLossThreads"],
            (P(workspace), i64(nch), i64(N), f32(kl_coef), P(loss), P(stats)), stream)
 
 
-def grpo_loss_backward(N, adv_div, lp, old, adv, lo, hi, g_loss, g_lp, stream):
+def grpo_loss_backward(*, N, adv_div, log_prob, old_log_prob, adv, lo, hi, g_loss, g_log_prob, stream):
     if N == 0:
         return
     nt = constants("advantages_kernels.cuh")["kLossThreads"]
     P = ptr
     launch("diffrl::adv::loss_backward_kernel", -(-N // nt), nt,
-           (P(lp), P(old), P(adv), i64(adv_div), i64(N), f32(lo), f32(hi), P(g_loss), P(g_lp)), stream)
+           (P(log_prob), P(old_log_prob), P(adv), i64(adv_div), i64(N), f32(lo), f32(hi), P(g_loss), P(g_log_prob)),
+           stream)
 
 
-def group_advantages(vals_double, B, K, vals, w, order, sorted_ids, gstd, sw, T, mode, std_mode, eps, clip, has_clip,
-                     out, stream):
+def group_advantages(*, vals_double, B, K, vals, weights, order, sorted_ids, global_std, step_weights, T, mode,
+                     std_mode, eps, clip, has_clip, out, stream):
     if B == 0:
         return
     if B > 0x7FFFFFFF:
@@ -392,11 +397,11 @@ def group_advantages(vals_double, B, K, vals, w, order, sorted_ids, gstd, sw, T,
     name = instance("diffrl::adv::group_kernel", mode, "double" if vals_double else "float")
     P = ptr
     launch(name, B, constants("advantages_kernels.cuh")["kGroupThreads"],
-           (P(vals), i64(K), P(w), P(order), P(sorted_ids), i64(B), P(gstd), P(sw), i64(T),
+           (P(vals), i64(K), P(weights), P(order), P(sorted_ids), i64(B), P(global_std), P(step_weights), i64(T),
             i32(std_mode), f64(eps), f64(clip), i32(has_clip), P(out)), stream, shared_mem=smem)
 
 
-def win_rate(vals_double, B, vals, order, sorted_ids, out, stream):
+def win_rate(*, vals_double, B, vals, order, sorted_ids, out, stream):
     if B == 0:
         return
     nt = constants("advantages_kernels.cuh")["kWinThreads"]

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from diffrl import _native
+from diffrl.ops._native_backend import PointerBackend
 
 # The launchers each op needs from a fast backend (the reference runs through the op's own code).
 OP_LAUNCHERS: dict[str, tuple[str, ...]] = {
@@ -43,16 +44,17 @@ OP_LAUNCHERS: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class Backend:
-    """One backend. ``launchers`` maps a launcher name (see OP_LAUNCHERS) to ``"module:attr"``
-    (``attr`` may be dotted), imported on first use, so that ``import diffrl`` never imports
-    triton, cupy or flash-attn. ``dtypes`` narrows the float dtypes an op accepts on this backend
-    where it takes fewer than the op's kernels do (op -> dtypes)."""
+    """One backend. ``launchers`` maps a launcher name (see OP_LAUNCHERS) to ``"module:function"``,
+    imported on first use so that ``import diffrl`` never imports triton, cupy or flash-attn, or to
+    the launcher itself where it imports nothing heavy until called (the raw-pointer backends).
+    ``dtypes`` narrows the float dtypes an op accepts on this backend where it takes fewer than the
+    op's kernels do (op -> dtypes)."""
 
     name: str
     where: str  # the tensors it runs on, in words, for error messages
     runs_on: Callable[[torch.device], bool]
     probe: Callable[[], tuple[bool, str]]  # (available here, reason when not); never raises
-    launchers: Mapping[str, str] = field(default_factory=dict)
+    launchers: Mapping[str, str | Callable] = field(default_factory=dict)
     dtypes: Mapping[str, tuple] = field(default_factory=dict)
     reference: bool = False  # the torch reference: implements every op, through the op file itself
 
@@ -117,12 +119,11 @@ def _on_cuda(device: torch.device) -> bool:
 # the registry
 
 
-def _pointer_launchers(kind: str) -> dict[str, str]:
-    # cpp, cuda and cupy share one tensor-to-pointer layer (diffrl.ops._native_backend)
-    from diffrl.ops._native_backend import LAUNCHERS  # noqa: PLC0415 - torch and _native only
-
-    return {name: f"diffrl.ops._native_backend:{kind}.{name}" for name in LAUNCHERS}
-
+# cpp, cuda and cupy share one tensor-to-pointer layer (diffrl.ops._native_backend); each names
+# the module of its pointer-level functions (the diffrl._C bindings, or the cupy backend's)
+_CPP = PointerBackend("cpp", gpu=False, raw_module="diffrl._C", raw_suffix="_cpu")
+_CUDA = PointerBackend("cuda", gpu=True, raw_module="diffrl._C", raw_suffix="_cuda")
+_CUPY = PointerBackend("cupy", gpu=True, raw_module="diffrl.ops._cupy_backend")
 
 _TRITON = {
     "sde_step_forward": "diffrl.kernels.sde_step:sde_step_forward",
@@ -135,15 +136,16 @@ _TRITON = {
 }
 
 REGISTRY: dict[str, Backend] = {b.name: b for b in (
-    Backend("torch", "any tensors", lambda device: True, lambda: (True, ""), reference=True),
-    Backend("cpp", "CPU tensors", lambda device: device.type == "cpu", _probe_cpp, _pointer_launchers("cpp")),
-    Backend("triton", "CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)",
-            lambda device: device.type == "cuda" or (device.type == "cpu" and triton_interpret()),
-            _probe_triton, _TRITON),
-    Backend("cuda", "CUDA tensors", _on_cuda, _probe_cuda, _pointer_launchers("cuda")),
-    Backend("cupy", "CUDA tensors", _on_cuda, _probe_cupy, _pointer_launchers("cupy")),
-    Backend("flash_attn", "CUDA tensors", _on_cuda, _probe_flash_attn,
-            {"reward_attention_forward": "diffrl.ops._flash_attn_backend:reward_attention_forward"},
+    Backend(name="torch", where="any tensors", runs_on=lambda device: True, probe=lambda: (True, ""), reference=True),
+    Backend(name="cpp", where="CPU tensors", runs_on=lambda device: device.type == "cpu", probe=_probe_cpp,
+            launchers=_CPP.launchers()),
+    Backend(name="triton", where="CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)",
+            runs_on=lambda device: device.type == "cuda" or (device.type == "cpu" and triton_interpret()),
+            probe=_probe_triton, launchers=_TRITON),
+    Backend(name="cuda", where="CUDA tensors", runs_on=_on_cuda, probe=_probe_cuda, launchers=_CUDA.launchers()),
+    Backend(name="cupy", where="CUDA tensors", runs_on=_on_cuda, probe=_probe_cupy, launchers=_CUPY.launchers()),
+    Backend(name="flash_attn", where="CUDA tensors", runs_on=_on_cuda, probe=_probe_flash_attn,
+            launchers={"reward_attention_forward": "diffrl.ops._flash_attn_backend:reward_attention_forward"},
             dtypes={"reward_attention": (torch.float16, torch.bfloat16)}),
 )}
 
@@ -245,10 +247,11 @@ def launcher(name: str, launcher_name: str) -> Callable:
         if spec is None:
             raise ValueError(f"backend {name!r} has no launcher {launcher_name!r} "
                              f"(it has {tuple(REGISTRY[name].launchers)})")
-        module, _, attr = spec.partition(":")
-        fn = importlib.import_module(module)
-        for part in attr.split("."):
-            fn = getattr(fn, part)
+        if isinstance(spec, str):
+            module, _, attr = spec.partition(":")
+            fn = getattr(importlib.import_module(module), attr)
+        else:
+            fn = spec
         _launchers[(name, launcher_name)] = fn
     return fn
 
