@@ -1,5 +1,4 @@
-"""Batched reward attention: ``diffrl.ops.reward_attention`` (what it does and why: its docstring below;
-how the fused kernel works: kernels/reward_attention.py)."""
+"""Batched reward attention: ``diffrl.ops.reward_attention`` (the fused kernel: kernels/reward_attention.py)."""
 
 from __future__ import annotations
 
