@@ -30,7 +30,8 @@ import math
 import torch
 
 from diffrl.ops import sde_step
-from diffrl.samplers.adapters import Adapter, adapters_disabled, get_adapter, model_dtype
+from diffrl.samplers.families import Adapter, get_adapter, model_dtype
+from diffrl.samplers.lora import adapters_disabled
 from diffrl.samplers.rollout import Rollout
 from diffrl.schedules import StepCoeffs
 

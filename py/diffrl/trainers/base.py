@@ -745,7 +745,7 @@ class _AdaptersOff(torch.nn.Module):
         return self.inner.dtype
 
     def forward(self, *args, **kwargs):
-        from diffrl.samplers.adapters import adapters_disabled  # noqa: PLC0415
+        from diffrl.samplers.lora import adapters_disabled  # noqa: PLC0415
 
         with adapters_disabled(self.inner):
             return self.inner(*args, **kwargs)
