@@ -34,7 +34,7 @@ class DDIMSampler(BaseSampler):
         self._config_overrides = {}
         from diffusers import DDIMScheduler  # noqa: PLC0415
 
-        cfg = pipe.scheduler.config
+        cfg = self.adapter.scheduler_config()
         clips = bool(cfg.get("clip_sample", False)) or bool(cfg.get("thresholding", False))
         if clips:
             if isinstance(pipe.scheduler, DDIMScheduler):
@@ -49,7 +49,7 @@ class DDIMSampler(BaseSampler):
     def _make_scheduler(self):
         from diffusers import DDIMScheduler  # noqa: PLC0415
 
-        return DDIMScheduler.from_config(self.pipe.scheduler.config, **self._config_overrides)
+        return DDIMScheduler.from_config(self.adapter.scheduler_config(), **self._config_overrides)
 
     def _coeffs(self, scheduler, i, t, stochastic) -> StepCoeffs:
         # alphas_cumprod stay on the host in DDIMScheduler; t is a host int

@@ -45,9 +45,9 @@ class NFTTrainer(GRPOTrainer):
         ``train_guided`` and the rollout used CFG, else the conditional one."""
         sampler = self.sampler
         guided = self.config.train_guided and sub.guidance_scale is not None
-        emb = sampler._model_batch(sub.embeddings(), sub.embeddings(uncond=True)) if guided else sub.embeddings()
-        v_cond, v_uncond = sampler._predict(model, x_t, t, emb, sub.shared, guided)
-        return v_cond if v_uncond is None else v_uncond + sub.guidance_scale * (v_cond - v_uncond)
+        emb = sampler.model_batch(sub.embeddings(), sub.embeddings(uncond=True) if guided else None)
+        v_cond, v_uncond = sampler.predict(x_t, t, emb, sub.shared, cfg=guided, model=model)
+        return sampler.guide(v_cond, v_uncond, sub.guidance_scale)
 
     def prepare_training(self, epoch: int, rollout, advantages: torch.Tensor) -> dict:
         """Per inner epoch: an order of the samples, a noise level t and a noise draw per sample, and
