@@ -8,9 +8,9 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
+from diffrl.models.tiny import tiny_pipeline  # noqa: E402
 from diffrl.samplers import DDIMSampler, FlowSDESampler, get_adapter  # noqa: E402
 from diffrl.samplers.base import SplitCFG  # noqa: E402
-from diffrl.models.tiny import tiny_pipeline  # noqa: E402
 
 PROMPTS = ["a red circle", "two blue squares"]
 FAMILY_MODULE = {"sd": "sd", "sd-v": "sd", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux", "shapes": "shapes"}

@@ -11,6 +11,10 @@ batch (classifier-free guidance), followed by either
   DDIM's last step or CPS's): ``x' = a x + c v`` in float32 with the same coefficient functions at
   zero noise. Nothing is stored or drawn.
 
+The steps are :meth:`BaseSampler.denoise` (``sample`` prepares its inputs: prompts, initial
+latents, the step plan of :meth:`BaseSampler.plan_steps`); it runs without autograd unless asked
+(``grad=True``, for trainers that backpropagate a reward through the sampling chain).
+
 The loop keeps latents in float32 whatever the model's dtype (model inputs are cast to it, outputs
 back): for a float32 model that is exactly what the pipeline does; for half-precision models the
 pipeline rounds its latents to the model dtype after every step and this loop does not.
