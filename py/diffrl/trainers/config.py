@@ -95,6 +95,8 @@ class NFTConfig(GRPOConfig):
     nft_beta: float = 1.0                # how far the implicit positive / negative policies lie from the old one
     nft_adv_scale: float = 2.0           # advantage that counts as fully good: r = 0.5 + A / (2 nft_adv_scale)
     train_guided: bool = False           # train the CFG-guided velocity (as sampled) rather than the conditional
+    nft_group_noise: bool = False        # one noise level and draw per group (common random numbers: the
+                                         # group's advantage-weighted sum then cancels the noise's part)
 
 
 @dataclass

@@ -23,6 +23,9 @@ any flow-matching family of ``FlowSDESampler`` works. The "old" predictions are 
 that sampled the epoch, computed before the epoch's first update (no frozen copy of the model).
 ``train_guided``: train the classifier-free-guided velocity the sampler used (two model calls per
 sample), rather than the conditional one alone.
+``nft_group_noise``: one noise level and noise draw per group instead of per sample (common random
+numbers), so that the part of each sample's loss that comes from the noise draw cancels in the group's
+advantage-weighted sum.
 """
 
 from __future__ import annotations
@@ -33,6 +36,13 @@ from diffrl.trainers.config import NFTConfig
 from diffrl.trainers.grpo import GRPOTrainer
 
 __all__ = ["NFTTrainer"]
+
+
+def _first_of_group(group_ids: torch.Tensor) -> torch.Tensor:
+    """``[B]`` index of the first sample of each sample's group."""
+    ids = group_ids.long().cpu()
+    first: dict[int, int] = {}
+    return torch.tensor([first.setdefault(int(g), i) for i, g in enumerate(ids)], dtype=torch.long)
 
 
 class NFTTrainer(GRPOTrainer):
@@ -64,6 +74,11 @@ class NFTTrainer(GRPOTrainer):
             # logit-normal t (more weight mid-trajectory, where layout and content are decided)
             t = torch.sigmoid(torch.randn(B, generator=gen)).to(x0.device)
             eps = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
+            if cfg.nft_group_noise:
+                # the group's first sample's (t, eps) for all of it: the advantages sum to ~0 over a
+                # group, so what the samples' losses share (the noise's own error) cancels in the update
+                first = _first_of_group(rollout.group_ids).to(x0.device)
+                t, eps = t[first], eps[first]
             tt = t.view(-1, *[1] * (x0.dim() - 1))
             x_t = (1 - tt) * x0 + tt * eps
             x_old = torch.empty_like(x0)
