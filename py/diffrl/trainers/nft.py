@@ -23,6 +23,9 @@ any flow-matching family of ``FlowSDESampler`` works. The "old" predictions are 
 that sampled the epoch, computed before the epoch's first update (no frozen copy of the model).
 ``train_guided``: train the classifier-free-guided velocity the sampler used (two model calls per
 sample), rather than the conditional one alone.
+``nft_negative_weight`` (w in [0, 1]) scales how far below 0.5 the worse samples' r goes: at r = 0.5 a
+sample's loss is ``|x_theta - x_old|^2`` plus a constant, so w = 0 pulls towards the better samples only
+and the others hold the update near the sampling policy.
 ``nft_group_noise``: one noise level and noise draw per group instead of per sample (common random
 numbers), so that the part of each sample's loss that comes from the noise draw cancels in the group's
 advantage-weighted sum.
@@ -89,6 +92,9 @@ class NFTTrainer(GRPOTrainer):
                     x_old[d] = x_t[d] - tt[d] * v.float()
             plan.append({"perm": perm, "t": t, "x_t": x_t, "x_old": x_old})
         r = (0.5 + adv / (2 * cfg.nft_adv_scale)).clamp(0, 1)
+        if cfg.nft_negative_weight != 1.0:
+            # below-average samples: r = 0.5 is |x_theta - x_old|^2 + const, no push, only the anchor
+            r = torch.where(r < 0.5, 0.5 - cfg.nft_negative_weight * (0.5 - r), r)
         return {"x0": x0, "r": r, "plan": plan, "num_train": num_train}
 
     def inner_epoch_order(self, state: dict, inner: int) -> torch.Tensor:
