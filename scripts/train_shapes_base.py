@@ -121,7 +121,9 @@ class RenderedBatches(torch.utils.data.IterableDataset):
                     prompts.append(p)
                     # caption noise: the image shows a scene one attribute away from its caption
                     noisy = self.caption_noise and rng.random() < self.caption_noise
-                    scenes.append(near_miss_scene(scene, rng) if noisy else scene)
+                    shown = near_miss_scene(scene, rng) if noisy else scene
+                    # a held-out scene must not be seen even under another caption
+                    scenes.append(scene if shown.key in self.banned else shown)
             yield prompts, render_batch(scenes, render_seed, size=self.size) * 2 - 1
             render_seed += self.batch_size
 
