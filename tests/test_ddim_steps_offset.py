@@ -87,3 +87,41 @@ def test_rollout_steps_are_the_schedulers_steps(prediction_type):
         v = sampler.guide(v_cond, v_uncond, w)
         expected = ref.step(v.double(), t, x.double(), eta=1.0, variance_noise=noise.double(), return_dict=False)[0]
         torch.testing.assert_close(r.latents_after(j).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("built", ["in_code_then_patched", "from_config"])
+def test_offset_patched_by_the_pipeline_is_kept(built):
+    """A scheduler built in code with the default steps_offset (0), which StableDiffusionPipeline
+    patches to 1 at construction: diffusers' from_config would reset it (the key is in
+    ``_use_default_values``). The sampler must step where the pipeline steps, and at noise 0 draw its images."""
+    from diffusers import StableDiffusionPipeline  # noqa: PLC0415
+
+    base = tiny_pipeline("sd", seed=int(torch.randint(0, 1000, ())))
+    sched = DDIMScheduler(**{k: v for k, v in TINY.items() if k != "set_alpha_to_one"})
+    if built == "from_config":  # the same values, every key explicit
+        sched = DDIMScheduler.from_config({**{k: v for k, v in sched.config.items() if not k.startswith("_")},
+                                           "steps_offset": 1})
+    with pytest.warns(FutureWarning) if built == "in_code_then_patched" else _no_warning():
+        pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                       unet=base.unet, scheduler=sched, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.steps_offset == 1
+    T, seed = 3, int(torch.randint(0, 10_000, ()))
+    r = DDIMSampler(pipe, eta=0.0).sample(["ab cd"], num_inference_steps=T, guidance_scale=2.0, height=32, width=32,
+                                          generator=torch.Generator().manual_seed(seed))
+    pipe.scheduler.set_timesteps(T)
+    steps = pipe.scheduler.timesteps.tolist()
+    assert steps == [27, 14, 1]  # 40 // 3 = 13: leading spacing, shifted by the offset
+    assert r.timesteps.tolist() == steps[:len(r.timesteps)]
+    ref = pipe(["ab cd"], num_inference_steps=T, guidance_scale=2.0, height=32, width=32, output_type="pt",
+               generator=torch.Generator().manual_seed(seed)).images
+    torch.testing.assert_close(r.images.float(), ref.float(), rtol=1e-4, atol=1e-4)
+
+
+class _no_warning:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

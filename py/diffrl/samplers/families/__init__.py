@@ -172,8 +172,14 @@ class Adapter:
     # ---- the schedule --------------------------------------------------------------------------
 
     def scheduler_config(self):
-        """The config the sampler's own scheduler is built from (the pipeline's is never stepped)."""
-        return self.pipe.scheduler.config
+        """The config the sampler's own scheduler is built from (the pipeline's is never stepped).
+
+        Every value of the pipeline's scheduler, explicitly: diffusers' ``from_config`` resets the keys
+        listed in ``_use_default_values`` to their defaults, and those include values patched after
+        construction (``StableDiffusionPipeline.__init__`` sets ``steps_offset=1`` on a scheduler built
+        in code with the default 0; the copy would step at 666/333/0 where the pipeline steps at
+        667/334/1)."""
+        return {k: v for k, v in dict(self.pipe.scheduler.config).items() if k != "_use_default_values"}
 
     def set_timesteps(self, scheduler, num_inference_steps, latents, options):
         with quiet_transformers():  # (the module imports diffusers' IP-adapter loaders)
