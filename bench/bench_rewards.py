@@ -61,7 +61,7 @@ def cases(device_type: str, quick: bool = False, dtypes=None, sizes=None) -> lis
 
 
 def _tokenizer():
-    from diffrl.samplers.tiny import clip_tokenizer  # noqa: PLC0415 - the same single-letter CLIP tokenizer
+    from diffrl.models.tiny import clip_tokenizer  # noqa: PLC0415 - the same single-letter CLIP tokenizer
 
     tok = clip_tokenizer(77)
     return tok, tok.get_vocab()

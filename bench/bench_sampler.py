@@ -6,10 +6,10 @@ differs is the loop around it.
 
 Models (``--shapes``):
 
-tiny-sd3    the tiny random-weight SD3 pipeline of ``diffrl.samplers.tiny`` (flow SDE, CPU default)
+tiny-sd3    the tiny random-weight SD3 pipeline of ``diffrl.models.tiny`` (flow SDE, CPU default)
 tiny-sd     the tiny random-weight SD 1.x pipeline (DDIM with eta = 1, CPU default)
 sd3-medium  an SD3-medium-shaped random transformer (24 joint blocks, width 1536, ~2 B parameters)
-            with tiny text towers and VAE (``diffrl.samplers.tiny.sd3_medium_pipeline``), bf16, 512 px
+            with tiny text towers and VAE (``diffrl.models.tiny.sd3_medium_pipeline``), bf16, 512 px
             by default (CUDA default; ``--sizes`` sets the image side; ``DIFFRL_BENCH_SD3_LAYERS=1``
             shrinks it to one block for a smoke test on a CPU)
 
@@ -94,7 +94,7 @@ def cases(device_type: str, quick: bool = False, shapes=None, sizes=None, batche
 
 
 def build(case: Case, device: torch.device):
-    from diffrl.samplers.tiny import sd3_medium_pipeline, tiny_pipeline  # noqa: PLC0415
+    from diffrl.models.tiny import sd3_medium_pipeline, tiny_pipeline  # noqa: PLC0415
 
     if case.model == "sd3-medium":
         # DIFFRL_BENCH_SD3_LAYERS=1 makes a smoke-test-sized model of the same width (CPU checks)

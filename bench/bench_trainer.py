@@ -4,7 +4,7 @@ Models (``--shapes``):
 
 tiny-sd3    the tiny random-weight SD3 pipeline (``tiny:sd3``), fp32, 64 px (CPU default)
 sd3-medium  an SD3-medium-shaped random transformer (24 joint blocks, width 1536, ~2 B parameters) with
-            tiny text towers and VAE (``diffrl.samplers.tiny.sd3_medium_pipeline``), bf16 weights with
+            tiny text towers and VAE (``diffrl.models.tiny.sd3_medium_pipeline``), bf16 weights with
             bf16 autocast, LoRA rank 32 on the attention projections, 512 px (CUDA default; ``--sizes``
             sets the image side, ``DIFFRL_BENCH_SD3_LAYERS=1`` shrinks it for a smoke test)
 
@@ -53,7 +53,7 @@ def run(ctx) -> list[dict]:
             cfg = _config(model, size, ctx.quick, out_dir, dev)
             pipe = None
             if model == "sd3-medium":
-                from diffrl.samplers.tiny import sd3_medium_pipeline  # noqa: PLC0415
+                from diffrl.models.tiny import sd3_medium_pipeline  # noqa: PLC0415
 
                 layers = int(os.environ.get("DIFFRL_BENCH_SD3_LAYERS", "24"))
                 pipe = sd3_medium_pipeline(dtype=torch.bfloat16 if dev == "cuda" else torch.float32,

@@ -51,7 +51,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "py"))  # run from a checkout without installing
 
-from diffrl.models.shapes import parse_prompt, random_prompt, render_batch  # noqa: E402
+from diffrl.models.shapes import near_miss_scene, parse_prompt, random_prompt, render_batch  # noqa: E402
 from diffrl.models.shapes_eval import evaluate, heldout_prompts, save_grid  # noqa: E402
 from diffrl.models.shapes_model import build_pipeline  # noqa: E402
 from diffrl.rewards import ShapesReward  # noqa: E402
@@ -74,6 +74,10 @@ def parse_args(argv=None):
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--patch-size", type=int, default=4, help="4 -> 64 tokens (the shipped model); 8 -> 16 tokens")
+    p.add_argument("--sample-size", type=int, default=32, help="image side in px (16 or 32)")
+    p.add_argument("--caption-noise", type=float, default=0.0,
+                   help="fraction of training images that show a near-miss of their caption's scene (one colour, "
+                        "shape or count changed, or the relation reversed), as slightly wrong web captions do")
     p.add_argument("--conv-channels", type=int, default=0, help="conv stem/head width (0: plain patchify)")
     p.add_argument("--text-layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
@@ -99,8 +103,9 @@ def parse_args(argv=None):
 class RenderedBatches(torch.utils.data.IterableDataset):
     """Endless (prompts, x0 in [-1, 1]) training batches; each worker renders its own disjoint seeds."""
 
-    def __init__(self, batch_size: int, seed: int, banned: set):
+    def __init__(self, batch_size: int, seed: int, banned: set, size: int = 32, caption_noise: float = 0.0):
         self.batch_size, self.seed, self.banned = batch_size, seed, banned
+        self.size, self.caption_noise = size, caption_noise
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -108,12 +113,18 @@ class RenderedBatches(torch.utils.data.IterableDataset):
         rng = random.Random(self.seed * 1000 + wid)
         render_seed = (self.seed * 1000 + wid) * 10_000_000
         while True:
-            prompts = []
+            prompts, scenes = [], []
             while len(prompts) < self.batch_size:
                 p = random_prompt(rng)
-                if parse_prompt(p).key not in self.banned:
+                scene = parse_prompt(p)
+                if scene.key not in self.banned:
                     prompts.append(p)
-            yield prompts, render_batch(prompts, render_seed) * 2 - 1
+                    # caption noise: the image shows a scene one attribute away from its caption
+                    noisy = self.caption_noise and rng.random() < self.caption_noise
+                    shown = near_miss_scene(scene, rng) if noisy else scene
+                    # a held-out scene must not be seen even under another caption
+                    scenes.append(scene if shown.key in self.banned else shown)
+            yield prompts, render_batch(scenes, render_seed, size=self.size) * 2 - 1
             render_seed += self.batch_size
 
 
@@ -127,7 +138,7 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = True  # the model is tiny: TF32 changes nothing that matters
     torch.backends.cudnn.allow_tf32 = True
     pipe = build_pipeline(dim=args.dim, num_layers=args.layers, num_heads=args.heads, text_dim=args.dim,
-                          text_layers=args.text_layers, patch_size=args.patch_size,
+                          text_layers=args.text_layers, patch_size=args.patch_size, sample_size=args.sample_size,
                           conv_channels=args.conv_channels)
     if args.init_from is not None:
         from diffrl.models.shapes_model import ShapesPipeline
@@ -160,7 +171,7 @@ def main(argv=None):
     log = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
            "params": n_params, "loss": [], "evals": []}
     t_start = time.time()
-    stream = RenderedBatches(args.batch_size, args.seed, banned)
+    stream = RenderedBatches(args.batch_size, args.seed, banned, args.sample_size, args.caption_noise)
     batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers,
                                                prefetch_factor=4 if args.workers else None,
                                                persistent_workers=bool(args.workers)))

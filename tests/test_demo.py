@@ -11,7 +11,8 @@ pytest.importorskip("diffusers")
 from diffrl.cli import main  # noqa: E402
 from diffrl.demo import DEMO_PRESETS, run_demo  # noqa: E402
 from diffrl.models.shapes import parse_prompt  # noqa: E402
-from diffrl.models.shapes_eval import HELDOUT_RESERVED, heldout_prompts, training_prompts  # noqa: E402
+from diffrl.models.shapes_eval import (  # noqa: E402
+    HELDOUT_RESERVED, heldout_prompts, paired_bootstrap, training_prompts)
 from diffrl.models.shapes_model import load_base_pipeline  # noqa: E402
 from diffrl.rewards import ShapesReward  # noqa: E402
 from diffrl.samplers import FlowSDESampler  # noqa: E402
@@ -92,6 +93,18 @@ def test_demo_writes_its_files(tmp_path, preset):
     assert (out / "checkpoints").is_dir()
     # the preset keeps an EMA of the trained weights: "after" is the EMA's, the trained weights' too
     assert saved["after_weights"].startswith("EMA") and 0 <= saved["accuracy_after_raw_weights"] <= 1
+    # the change's 95% interval (bootstrap over the prompts) holds the change; the flag says whether it excludes 0
+    lo, hi = saved["accuracy_gain_ci95"]
+    assert lo <= saved["accuracy_gain"] + 1e-9 and saved["accuracy_gain"] - 1e-9 <= hi
+    assert saved["gain_significant"] == (lo > 0 or hi < 0) and saved["bootstrap"]["level"] == 0.95
+    assert saved["bootstrap"]["change"] == pytest.approx(saved["accuracy_gain"])
+    for res in (saved["before"], saved["after"]):
+        assert len(res["accuracy_per_prompt"]) == 6
+        assert sum(res["accuracy_per_prompt"]) / 6 == pytest.approx(res["accuracy"])
+    # the base model at the reference guidance scale, when it differs from the trainer's
+    if saved["reference"] is not None:
+        assert saved["reference_cfg"] != saved["config"]["guidance_scale"]
+        assert len(saved["accuracy_after_vs_reference_ci95"]) == 2
     with pytest.raises(FileExistsError):  # never overwrite a finished run
         run_demo(out, minutes=0.01, eval_prompts=2, progress=False, overrides=TINY_RUN)
     with pytest.raises(ValueError, match="presets"):
@@ -99,6 +112,35 @@ def test_demo_writes_its_files(tmp_path, preset):
     for bad in (0, 2.0):
         with pytest.raises(ValueError, match="eval_images"):
             run_demo(tmp_path / "other", minutes=0.01, eval_prompts=2, progress=False, eval_images=bad)
+
+
+def _normal_interval(d: torch.Tensor) -> tuple[float, float]:
+    """The 95% interval of a mean by the normal approximation (what the bootstrap should approach)."""
+    half = 1.959964 * float(d.std(unbiased=False)) / len(d) ** 0.5
+    return float(d.mean()) - half, float(d.mean()) + half
+
+
+def test_paired_bootstrap_against_normal_approximation():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    for n, shift in ((50, 0.0), (200, 0.15), (333, -0.08)):
+        before = torch.randint(0, 5, (n,), generator=g).double() / 4  # 4 seed sets per prompt
+        after = (before + shift + 0.25 * torch.randn(n, generator=g, dtype=torch.float64)).clamp(0, 1)
+        ci = paired_bootstrap(before.tolist(), after.tolist(), resamples=20_000, seed=1)
+        d = after - before
+        lo, hi = _normal_interval(d)
+        width = hi - lo
+        assert ci["change"] == pytest.approx(float(d.mean()), abs=1e-12)
+        assert ci["ci_low"] == pytest.approx(lo, abs=0.08 * width) and ci["ci_high"] == pytest.approx(hi, abs=0.08 * width)
+        assert ci["significant"] == (ci["ci_low"] > 0 or ci["ci_high"] < 0)
+    # no change at all: a zero-width interval at 0, not significant; a uniform +0.3: significant
+    same = paired_bootstrap([0.25, 0.5, 1.0], [0.25, 0.5, 1.0])
+    assert same["ci_low"] == same["ci_high"] == 0.0 and not same["significant"]
+    assert paired_bootstrap([0.0] * 40, [0.3] * 40)["significant"]
+    for bad in (dict(before=[0.1], after=[0.2]), dict(before=[0.1, 0.2], after=[0.1, 0.2, 0.3]),
+                dict(before=[0.1, 0.2], after=[0.1, 0.2], level=1.0),
+                dict(before=[0.1, 0.2], after=[0.1, 0.2], resamples=10)):
+        with pytest.raises(ValueError):
+            paired_bootstrap(**bad)
 
 
 def test_demo_cli_help(capsys):

@@ -115,3 +115,25 @@ def test_cli_trains_the_nft_preset(tmp_path):
     rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert rec["epoch"] == 1 and "fm_loss_pos" in rec
     assert (out / "checkpoints").is_dir()
+
+
+@pytest.mark.parametrize("group_noise", [False, True])
+def test_group_noise_shares_t_and_noise_within_each_group_only(tmp_path, group_noise):
+    tr = NFTTrainer(_config(tmp_path, nft_group_noise=group_noise, group_size=3, prompts_per_epoch=3,
+                            train_batch_size=4, inner_epochs=2), progress=False)
+    rollout, adv = _epoch_inputs(tr)
+    state = tr.prepare_training(1, rollout, adv)
+    x0 = rollout.final_latents
+    gids = rollout.group_ids.tolist()
+    for plan in state["plan"]:
+        t = plan["t"]
+        tt = t.view(-1, *[1] * (x0.dim() - 1))
+        eps = (plan["x_t"] - (1 - tt) * x0) / tt  # the noise draw, recovered from x_t
+        for i in range(len(gids)):
+            for j in range(i + 1, len(gids)):
+                same_t = bool(t[i] == t[j])
+                same_eps = torch.allclose(eps[i], eps[j], rtol=1e-4, atol=1e-4)
+                if group_noise and gids[i] == gids[j]:
+                    assert same_t and same_eps, (i, j)
+                else:  # fresh draws: equal only by an astronomically unlikely chance
+                    assert not same_t and not same_eps, (i, j)

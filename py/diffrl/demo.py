@@ -99,17 +99,24 @@ DEMO_PRESETS = ("shapes-nft", "shapes-grpo")
 #: images per held-out prompt: one image per prompt moves the base model's accuracy by ~3 points from one
 #: seed set to another (0.33-0.43 over 16 sets), more than most gains measured here (docs/demo.md)
 EVAL_IMAGES = 4
+#: Euler steps of every held-out evaluation (the trainer samples with fewer: its preset's)
+EVAL_STEPS = 20
+#: the guidance scale of the base model's reference evaluation (its best, measured: docs/demo.md)
+REFERENCE_CFG = 4.0
 
 
 def run_demo(output_dir: str | Path = "runs/demo", *, minutes: float | None = None, eval_prompts: int = 200,
              seed: int = 0, device: str = "cpu", threads: int | None = None, progress: bool = True,
              overrides: dict | None = None, preset: str = DEMO_PRESETS[0], eval_every: int = 0,
-             eval_images: int = EVAL_IMAGES) -> dict:
+             eval_images: int = EVAL_IMAGES, reference_cfg: float | None = REFERENCE_CFG) -> dict:
     """Runs the demo (see the module docstring); returns the summary it writes to ``summary.json``.
     ``eval_every``: epochs between held-out evaluations during training (0: before and after only);
     ``eval_images``: images per held-out prompt in every evaluation (seed sets, see
-    :func:`diffrl.models.shapes_eval.evaluate`)."""
-    from diffrl.models.shapes_eval import SEED_SET_STRIDE, evaluate, heldout_prompts, save_grid  # noqa: PLC0415
+    :func:`diffrl.models.shapes_eval.evaluate`). Every evaluation samples at the guidance scale the
+    trainer samples with (20 Euler steps); ``reference_cfg`` also evaluates the base model at that
+    guidance scale (None: not), the number to beat without guidance's second model call."""
+    from diffrl.models.shapes_eval import (  # noqa: PLC0415
+        SEED_SET_STRIDE, evaluate, heldout_prompts, paired_bootstrap, save_grid)
     from diffrl.rewards import ShapesReward  # noqa: PLC0415
     from diffrl.trainers import TRAINER_CLASSES  # noqa: PLC0415
     from diffrl.trainers.presets import get_preset  # noqa: PLC0415
@@ -118,6 +125,9 @@ def run_demo(output_dir: str | Path = "runs/demo", *, minutes: float | None = No
         raise ValueError(f"the demo runs one of the presets {DEMO_PRESETS}, got {preset!r}")
     if isinstance(eval_images, bool) or not isinstance(eval_images, int) or eval_images < 1:
         raise ValueError(f"eval_images must be a positive int, got {eval_images!r}")
+    if reference_cfg is not None and (isinstance(reference_cfg, bool) or not isinstance(reference_cfg, (int, float))
+                                      or not reference_cfg >= 1.0):
+        raise ValueError(f"reference_cfg must be a guidance scale >= 1 or None, got {reference_cfg!r}")
 
     t_all = time.perf_counter()
     out = Path(output_dir)
@@ -144,14 +154,23 @@ def run_demo(output_dir: str | Path = "runs/demo", *, minutes: float | None = No
     reward = ShapesReward()
     prompts = heldout_prompts(eval_prompts)
 
-    def held_out():
-        return evaluate(trainer.pipe, prompts, reward, images_per_prompt=eval_images)
+    eval_cfg = float(cfg.guidance_scale)
+
+    def held_out(guidance=eval_cfg):
+        return evaluate(trainer.pipe, prompts, reward, images_per_prompt=eval_images, steps=EVAL_STEPS, cfg=guidance)
 
     t0 = time.perf_counter()
     before, imgs_before = held_out()
     t_eval_before = time.perf_counter() - t0
     say(f"before: held-out accuracy {before['accuracy']:.3f}{_spread(before)}, reward {before['reward']:.3f} "
-        f"({t_eval_before:.0f} s)")
+        f"(CFG {eval_cfg:g}, {t_eval_before:.0f} s)")
+    reference = None
+    if reference_cfg is not None and float(reference_cfg) != eval_cfg:
+        t0 = time.perf_counter()
+        reference, _ = held_out(float(reference_cfg))
+        t_eval_before += time.perf_counter() - t0
+        say(f"       the base model at CFG {reference_cfg:g} (twice the model calls): accuracy "
+            f"{reference['accuracy']:.3f}{_spread(reference)}, reward {reference['reward']:.3f}")
     save_grid(imgs_before[:64], out / "before.png")
     (out / "prompts.txt").write_text("".join(f"{i:3d} (row {i // 8}, col {i % 8}): {p}\n"
                                              for i, p in enumerate(prompts[:64])))
@@ -198,6 +217,18 @@ def run_demo(output_dir: str | Path = "runs/demo", *, minutes: float | None = No
         say(f"(after: the EMA of the trained weights, decay {cfg.ema_decay:g}; the raw trained weights: accuracy "
             f"{after_raw['accuracy']:.3f}, reward {after_raw['reward']:.3f})")
     gain = after["accuracy"] - before["accuracy"]
+    # the change's uncertainty: the bootstrap over prompts (the evaluation's prompts and seeds are fixed, so
+    # what varies is which prompts happen to be in the held-out set)
+    ci = paired_bootstrap(before["accuracy_per_prompt"], after["accuracy_per_prompt"])
+    verdict = ("significant" if ci["significant"] else "not significant") + " at the 95% level"
+    say(f"change {gain * 100:+.1f} points, 95% confidence interval [{ci['ci_low'] * 100:+.1f}, "
+        f"{ci['ci_high'] * 100:+.1f}] (bootstrap over the {len(prompts)} prompts): {verdict}")
+    if reference is not None:
+        d = after["accuracy"] - reference["accuracy"]
+        ci_ref = paired_bootstrap(reference["accuracy_per_prompt"], after["accuracy_per_prompt"])
+        say(f"against the base model at CFG {reference_cfg:g}: {d * 100:+.1f} points, 95% interval "
+            f"[{ci_ref['ci_low'] * 100:+.1f}, {ci_ref['ci_high'] * 100:+.1f}]"
+            f" ({'significant' if ci_ref['significant'] else 'not significant'})")
     title = (f"{name} on the shapes model: held-out accuracy {before['accuracy']:.2f} -> {after['accuracy']:.2f}\n"
              f"in {t_train / 60:.1f} min ({len(records)} epochs, {platform.machine()}, "
              f"{torch.get_num_threads()} threads)")
@@ -205,12 +236,16 @@ def run_demo(output_dir: str | Path = "runs/demo", *, minutes: float | None = No
     summary = {
         "preset": preset, "trainer": kind,
         "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"], "accuracy_gain": gain,
-        "before": before, "after": after, "eval_prompts": eval_prompts,
+        "accuracy_gain_ci95": [ci["ci_low"], ci["ci_high"]], "gain_significant": ci["significant"],
+        "bootstrap": ci, "before": before, "after": after, "eval_prompts": eval_prompts,
+        "reference_cfg": reference_cfg if reference is not None else None, "reference": reference,
+        "accuracy_after_vs_reference_ci95": None if reference is None else [ci_ref["ci_low"], ci_ref["ci_high"]],
         "after_weights": "trained" if after_raw is None else f"EMA of the trained weights (decay {cfg.ema_decay:g})",
         "accuracy_after_raw_weights": None if after_raw is None else after_raw["accuracy"],
         "after_raw_weights": after_raw,
         "eval_images_per_prompt": eval_images,
-        "eval_sampler": (f"Euler 20 steps, CFG 4.0, {eval_images} image(s) per prompt, noise seed of seed set k = "
+        "eval_sampler": (f"Euler {EVAL_STEPS} steps, CFG {eval_cfg:g}, {eval_images} image(s) per prompt, "
+                         f"noise seed of seed set k = "
                          f"prompt index + {SEED_SET_STRIDE} k"),
         "during_training": [{"train_minutes": round(m, 3), "epoch": e, "accuracy": r["accuracy"], "reward": r["reward"]}
                             for m, e, r in midway],
@@ -250,9 +285,12 @@ def add_demo_parser(sub) -> None:
                    help=f"the trainer and its settings (default {DEMO_PRESETS[0]})")
     p.add_argument("--eval-images", type=int, default=EVAL_IMAGES,
                    help=f"images per held-out prompt, each from its own fixed seed (default {EVAL_IMAGES})")
+    p.add_argument("--reference-cfg", type=float, default=REFERENCE_CFG,
+                   help=f"also evaluate the base model at this guidance scale (default {REFERENCE_CFG:g}; 0: skip)")
     p.add_argument("--eval-every", type=int, default=0,
                    help="epochs between held-out evaluations during training, for the curve (default 0: before "
                         "and after only; each evaluation of 200 prompts x 4 images takes ~1.5 min on 2 cores)")
     p.set_defaults(func=lambda a: (run_demo(a.output_dir, minutes=a.minutes, eval_prompts=a.eval_prompts, seed=a.seed,
                                             device=a.device, threads=a.threads, preset=a.preset,
-                                            eval_every=a.eval_every, eval_images=a.eval_images), 0)[1])
+                                            eval_every=a.eval_every, eval_images=a.eval_images,
+                                            reference_cfg=a.reference_cfg or None), 0)[1])

@@ -32,7 +32,7 @@ HELDOUT_RESERVED = 200
 SEED_SET_STRIDE = 10_000
 
 __all__ = ["EVAL_SEED", "HELDOUT_RESERVED", "SEED_SET_STRIDE", "heldout_prompts", "training_prompts", "evaluate",
-           "save_grid"]
+           "paired_bootstrap", "save_grid"]
 
 
 def heldout_prompts(n: int) -> list[str]:
@@ -64,7 +64,8 @@ def evaluate(pipe, prompts, reward, *, images_per_prompt: int = 1, steps: int = 
     ``metrics``: the mean over every image of every reward head ("reward", "correct", "count",
     "colour", "shape", "relation"), ``accuracy`` (= "correct": the fraction of images exactly right),
     ``relation_on_relation_prompts`` (the relation head on the prompts that have one) and
-    ``accuracy_per_seed_set`` (a list of K accuracies: how much one image per prompt moves by chance)."""
+    ``accuracy_per_seed_set`` (a list of K accuracies: how much one image per prompt moves by chance) and
+    ``accuracy_per_prompt`` (N accuracies, each over the K seed sets: what :func:`paired_bootstrap` resamples)."""
     if isinstance(images_per_prompt, bool) or not isinstance(images_per_prompt, int) or images_per_prompt < 1:
         raise ValueError(f"images_per_prompt must be a positive int, got {images_per_prompt!r}")
     if not prompts:
@@ -87,8 +88,41 @@ def evaluate(pipe, prompts, reward, *, images_per_prompt: int = 1, steps: int = 
     if rel:
         res["relation_on_relation_prompts"] = per_image["relation"][rel].mean().item()
     res["accuracy"] = res["correct"]
-    res["accuracy_per_seed_set"] = per_image["correct"].view(images_per_prompt, len(prompts)).mean(1).tolist()
+    correct = per_image["correct"].view(images_per_prompt, len(prompts))
+    res["accuracy_per_seed_set"] = correct.mean(1).tolist()
+    res["accuracy_per_prompt"] = correct.mean(0).tolist()
     return res, torch.cat(images)
+
+
+def paired_bootstrap(before, after, *, resamples: int = 10_000, level: float = 0.95, seed: int = 0) -> dict:
+    """Confidence interval of a change in mean accuracy, by the bootstrap over prompts.
+
+    ``before`` / ``after``: per-prompt accuracies of the same prompts (``accuracy_per_prompt`` of two
+    :func:`evaluate` results with the same prompts and seed sets). The prompts are resampled with
+    replacement ``resamples`` times, keeping each prompt's before and after together (the pairing
+    removes the prompts' own difficulty from the noise) -> ``{"change", "ci_low", "ci_high", "level",
+    "resamples", "significant"}``: the change of the mean, the percentile interval at ``level``, and
+    whether the interval excludes 0."""
+    b = torch.as_tensor(before, dtype=torch.float64)
+    a = torch.as_tensor(after, dtype=torch.float64)
+    if b.dim() != 1 or b.shape != a.shape or b.numel() < 2:
+        raise ValueError(f"before and after must be per-prompt accuracies of the same (>= 2) prompts, got shapes "
+                         f"{tuple(b.shape)} and {tuple(a.shape)}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 100:
+        raise ValueError(f"resamples must be an int >= 100, got {resamples!r}")
+    d = a - b
+    g = torch.Generator().manual_seed(seed)
+    means = torch.empty(resamples, dtype=torch.float64)
+    for s in range(0, resamples, 1000):  # 1000 resamples at a time keeps the index matrix small
+        n = min(1000, resamples - s)
+        idx = torch.randint(len(d), (n, len(d)), generator=g)
+        means[s:s + n] = d[idx].mean(1)
+    alpha = (1.0 - level) / 2
+    lo, hi = torch.quantile(means, torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64)).tolist()
+    return {"change": d.mean().item(), "ci_low": lo, "ci_high": hi, "level": level, "resamples": resamples,
+            "significant": bool(lo > 0.0 or hi < 0.0)}
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, pad: int = 1, scale: int = 2) -> None:

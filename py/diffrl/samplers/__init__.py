@@ -11,10 +11,11 @@
     out = sampler.score(rollout, j, reference=DISABLE_ADAPTERS)   # out.log_prob, out.kl (with grad)
 
 The pipeline is not modified. See ``base`` for the loop and the generator's draw order, ``rollout``
-for what is stored, ``adapters`` for the supported families and ``tiny`` for random-weight pipelines.
+for what is stored, ``families`` for the supported model families (one module each) and ``lora``
+for the LoRA helpers; random-weight test pipelines are in ``diffrl.models.tiny``.
 """
 
-from diffrl.samplers.adapters import Adapter, get_adapter, register_adapter, supported_pipelines
+from diffrl.samplers.families import Adapter, get_adapter, register_adapter, supported_pipelines
 from diffrl.samplers.base import DISABLE_ADAPTERS, BaseSampler, resolve_sde_steps
 from diffrl.samplers.ddim import DDIMSampler
 from diffrl.samplers.flow import FlowSDESampler

@@ -11,6 +11,10 @@ batch (classifier-free guidance), followed by either
   DDIM's last step or CPS's): ``x' = a x + c v`` in float32 with the same coefficient functions at
   zero noise. Nothing is stored or drawn.
 
+The steps are :meth:`BaseSampler.denoise` (``sample`` prepares its inputs: prompts, initial
+latents, the step plan of :meth:`BaseSampler.plan_steps`); it runs without autograd unless asked
+(``grad=True``, for trainers that backpropagate a reward through the sampling chain).
+
 The loop keeps latents in float32 whatever the model's dtype (model inputs are cast to it, outputs
 back): for a float32 model that is exactly what the pipeline does; for half-precision models the
 pipeline rounds its latents to the model dtype after every step and this loop does not.
@@ -26,13 +30,52 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from diffrl.ops import sde_step
-from diffrl.samplers.adapters import Adapter, adapters_disabled, get_adapter, model_dtype
+from diffrl.samplers.families import Adapter, get_adapter, model_dtype
+from diffrl.samplers.lora import adapters_disabled
 from diffrl.samplers.rollout import Rollout
 from diffrl.schedules import StepCoeffs
+
+
+class SplitCFG(NamedTuple):
+    """CFG embeddings that cannot share one model call (``Adapter.cfg_batch`` said so): two calls."""
+
+    cond: dict
+    uncond: dict
+
+
+class DenoiseResult(NamedTuple):
+    """What :meth:`BaseSampler.denoise` returns: the final latents (float32), the latents at the
+    asked positions ``[B, len(store_positions), ...]`` and the recorded steps' log-probs ``[B, S]``."""
+
+    latents: torch.Tensor
+    stored: torch.Tensor
+    log_probs: torch.Tensor
+
+
+@dataclass
+class _Call:
+    """One ``sample`` call's checked arguments."""
+
+    prompts: list
+    P: int
+    G: int
+    T: int
+    guidance_scale: float
+    height: int
+    width: int
+    options: dict
+    steps_spec: object
+    stochastic_steps: set
+    group_ids: torch.Tensor
+    cfg_weight: float | None
+    negatives: list | None
+
 
 #: ``score(..., reference=DISABLE_ADAPTERS)``: the reference policy is the scored model with its
 #: (peft/LoRA) adapters switched off, i.e. the base weights
@@ -136,32 +179,127 @@ class BaseSampler:
 
     # ---- the model call ------------------------------------------------------------------------
 
-    @staticmethod
-    def _model_batch(cond, uncond):
-        """The embeddings of one model call: ``cond``, or ``[uncond; cond]`` under CFG (built once
-        per rollout or scoring call, not per step)."""
+    def model_batch(self, cond: dict, uncond: dict | None):
+        """The embeddings of one :meth:`predict` call: ``cond`` without CFG; under CFG ``[uncond;
+        cond]`` concatenated for one model call, or a :class:`SplitCFG` pair (two calls) where the
+        family says the two cannot share a batch (``Adapter.cfg_batch``). Build it once per rollout
+        or scoring call, not per step."""
         if uncond is None:
             return cond
-        return {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+        batch = self.adapter.cfg_batch(cond, uncond)
+        return SplitCFG(cond, uncond) if batch is None else batch
 
-    def _predict(self, model, x, t, emb, shared, cfg: bool):
-        """Model output(s) in float32: ``(v_cond, v_uncond)``; under CFG one call on the batch
-        ``[x; x]`` with ``emb = [uncond; cond]`` (see ``_model_batch``), ``v_uncond`` None without."""
+    def predict(self, x, t, emb, shared=None, *, cfg: bool = False, model: torch.nn.Module | None = None):
+        """The model's outputs in float32 at latents ``x`` ``[B, ...]`` and timesteps ``t`` ``[B]``:
+        ``(v_cond, v_uncond)``, ``v_uncond`` None without CFG. ``emb`` comes from
+        :meth:`model_batch` (under CFG: one call on ``[x; x]``, or two calls for a ``SplitCFG``).
+        ``model``: the denoiser to call (default the pipeline's, e.g. a trained copy or a
+        reference). Runs with gradients where autograd is on; combine the pair with :meth:`guide`."""
+        model = self.model if model is None else model
+        shared = {} if shared is None else shared
+        forward = self.adapter.forward
         dt = model_dtype(model)
         if not cfg:
-            return self.adapter.forward(model, x.to(dt), t, emb, shared).float(), None
-        out = self.adapter.forward(model, torch.cat([x, x]).to(dt), torch.cat([t, t]), emb, shared).float()
+            return forward(model, x.to(dt), t, emb, shared).float(), None
+        if isinstance(emb, SplitCFG):
+            x_m = x.to(dt)
+            return forward(model, x_m, t, emb.cond, shared).float(), forward(model, x_m, t, emb.uncond, shared).float()
+        out = forward(model, torch.cat([x, x]).to(dt), torch.cat([t, t]), emb, shared).float()
         v_uncond, v_cond = out.chunk(2)
         return v_cond, v_uncond
 
+    def guide(self, v_cond, v_uncond, guidance_scale):
+        """The guided prediction from :meth:`predict`'s pair (``v_cond`` when there is no ``v_uncond``),
+        combined as the family does (``Adapter.guide``; linear CFG by default)."""
+        if v_uncond is None:
+            return v_cond
+        return self.adapter.guide(v_cond, v_uncond, guidance_scale)
+
+    # the names trainers used before predict() and model_batch() were public
+    def _model_batch(self, cond, uncond):
+        return self.model_batch(cond, uncond)
+
+    def _predict(self, model, x, t, emb, shared, cfg: bool):
+        return self.predict(x, t, emb, shared, cfg=cfg, model=model)
+
+    # ---- the denoising loop ----------------------------------------------------------------------
+
+    def plan_steps(self, scheduler, timesteps, stochastic_steps) -> list[tuple[bool, object]]:
+        """Per step ``i``: ``(True, StepCoeffs)`` for a stochastic step (``i`` in ``stochastic_steps``
+        and ``s > 0``), else ``(False, (a, c))`` floats of the zero-noise step. Computed on the host
+        once per rollout (one device-to-host copy of the timesteps), so the loop has no host syncs."""
+        plan = []
+        for i, t in enumerate(timesteps.cpu().tolist()):
+            if i in stochastic_steps:
+                co = self._coeffs(scheduler, i, t, True)
+                if co.stochastic:
+                    plan.append((True, co))
+                    continue
+            else:
+                co = self._coeffs(scheduler, i, t, False)
+            plan.append((False, (float(co.a), float(co.c))))
+        return plan
+
+    def denoise(self, x, timesteps, plan, emb, shared, guidance_scale, generator=None, *, store_positions=(),
+                model: torch.nn.Module | None = None, grad: bool = False, progress: bool = False) -> DenoiseResult:
+        """Run the steps of ``plan`` (from :meth:`plan_steps`) from float32 latents ``x`` ``[B, ...]``.
+
+        ``emb``: from :meth:`model_batch`; ``guidance_scale``: the CFG weight, None for no CFG.
+        Stochastic steps draw their noise from ``generator`` (one float32 ``randn`` of the latent
+        shape each, in step order: the documented draw order) and record their log-prob.
+        ``store_positions``: the positions ``0 .. T`` whose latents are returned (position ``i``
+        is the input of step ``i``, ``T`` the final latent), in the order given. ``model``: the
+        denoiser (default the pipeline's). ``grad=True`` runs with autograd on whatever the
+        caller's mode (a reward-backprop trainer differentiates the final latent through every
+        step); the default runs without it.
+        """
+        model = self.model if model is None else model
+        cfg = guidance_scale is not None
+        fused_cfg = cfg and self.adapter.linear_cfg  # non-linear CFG is combined before the step
+        B, T, device = x.shape[0], len(plan), x.device
+        slot = {p: k for k, p in enumerate(store_positions)}
+        recorded = [i for i, (rec, _) in enumerate(plan) if rec]
+        dev_coeffs = {i: plan[i][1].to(device) for i in recorded}
+        bar = _progress(T, progress)
+        with torch.set_grad_enabled(grad):
+            store = torch.empty((B, len(slot), *x.shape[1:]), dtype=torch.float32, device=device)
+            log_probs = torch.empty((B, len(recorded)), dtype=torch.float32, device=device)
+            j = 0
+            for i in range(T):
+                if i in slot:
+                    store[:, slot[i]] = x
+                v_cond, v_uncond = self.predict(x, timesteps[i].expand(B), emb, shared, cfg=cfg, model=model)
+                if cfg and not fused_cfg:
+                    v_cond, v_uncond = self.adapter.guide(v_cond, v_uncond, guidance_scale), None
+                rec, co = plan[i]
+                if rec:
+                    noise = _randn(x.shape, generator, device)
+                    out = sde_step(x, v_cond, dev_coeffs[i], uncond_output=v_uncond,
+                                   guidance_scale=guidance_scale if fused_cfg else None, noise=noise,
+                                   reduce=self.reduce, return_mean=False, backend=self.backend)
+                    x = out.prev_sample
+                    log_probs[:, j] = out.log_prob
+                    j += 1
+                else:
+                    v = v_cond if v_uncond is None else v_uncond + guidance_scale * (v_cond - v_uncond)
+                    a, c = co
+                    x = a * x + c * v
+                if bar is not None:
+                    bar.update()
+            if T in slot:
+                store[:, slot[T]] = x
+        if bar is not None:
+            bar.close()
+        return DenoiseResult(x, store, log_probs)
+
     # ---- sampling --------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def sample(self, prompts, num_images_per_prompt: int = 1, num_inference_steps: int | None = None,
                guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
                negative_prompt=None, generator=None, *, latents: torch.Tensor | None = None,
                group_ids=None, sde_steps="default", decode: bool = True, progress: bool | None = None,
-               same_initial_noise: bool = False, keep_final_latents: bool = False, **options) -> Rollout:
+               same_initial_noise: bool = False, keep_final_latents: bool = False, grad: bool = False,
+               **options) -> Rollout:
         """Sample ``num_images_per_prompt`` images for each prompt and record the stochastic steps.
 
         Arguments mean what they mean for the pipeline's ``__call__`` (and default to its defaults):
@@ -182,9 +320,63 @@ class BaseSampler:
         (with a list of generators, image ``p * G``'s draws the prompt's latent).
         ``keep_final_latents=True`` also stores the last latent (``rollout.final_latents``, what the
         VAE decodes), which forward-process trainers (``NFTTrainer``) train on.
+
+        ``grad=True`` runs the steps and the decode with autograd (the images, latents and log-probs
+        then carry gradients to the denoiser: reward backpropagation); the prompt encoding and the
+        initial latents stay without. By default nothing is differentiable.
+
+        The steps themselves are :meth:`denoise`.
         """
+        ad = self.adapter
+        with torch.no_grad():
+            call = self._check_call(prompts, num_images_per_prompt, num_inference_steps, guidance_scale, height,
+                                    width, negative_prompt, generator, group_ids, sde_steps, options)
+            G, T = call.G, call.T
+            height, width, options, w = call.height, call.width, call.options, call.cfg_weight
+            cond, uncond, shared, embed_index = self._encode_prompts(call)
+            emb = self.model_batch({k: v[embed_index] for k, v in cond.items()},
+                                   None if uncond is None else {k: v[embed_index] for k, v in uncond.items()})
+            lat = self._initial_latents(call, generator, latents, same_initial_noise, shared)
+            scheduler = self._make_scheduler()
+            timesteps = ad.set_timesteps(scheduler, T, lat, options)
+            if len(timesteps) != T:
+                raise ValueError(f"the scheduler made {len(timesteps)} timesteps for num_inference_steps = {T}")
+            plan = self.plan_steps(scheduler, timesteps, call.stochastic_steps)
+        recorded = [i for i, (rec, _) in enumerate(plan) if rec]
+        # each recorded step's input and output latent, once (neighbouring steps share one)
+        positions = sorted({p for i in recorded for p in (i, i + 1)} | ({T} if keep_final_latents else set()))
+        result = self.denoise(lat.to(torch.float32), timesteps, plan, emb, shared, w, generator,
+                              store_positions=positions, grad=grad,
+                              progress=self.progress if progress is None else progress)
+        with torch.set_grad_enabled(grad):
+            images = ad.decode(result.latents, height, width) if decode else None
+        info = {"family": ad.family, "kind": self.kind, "num_inference_steps": T, "height": height, "width": width,
+                "reduce": self.reduce, "num_images_per_prompt": G, "same_initial_noise": bool(same_initial_noise),
+                "guidance_scale_arg": float(call.guidance_scale),
+                "sde_steps": call.steps_spec, **self._info()}
+        coeff_rows = [torch.stack([co.a, co.c, co.s]) for rec, co in plan if rec]
+        return Rollout(
+            images=images,
+            latents=result.stored,
+            log_probs=result.log_probs,
+            group_ids=call.group_ids.repeat_interleave(G).to(ad.device),
+            embed_index=embed_index,
+            prompts=[p for p in call.prompts for _ in range(G)],
+            step_indices=torch.tensor(recorded, dtype=torch.long),
+            timesteps=timesteps[recorded].cpu() if recorded else timesteps[:0].cpu(),
+            coeffs=torch.stack(coeff_rows) if coeff_rows else torch.empty((0, 3), dtype=torch.float32),
+            cond=cond,
+            uncond=uncond,
+            shared=shared,
+            guidance_scale=w,
+            latent_positions=tuple(positions),
+            info=info,
+        )
+
+    def _check_call(self, prompts, G, T, guidance_scale, height, width, negative_prompt, generator, group_ids,
+                    sde_steps, options) -> _Call:
+        """``sample``'s arguments checked, with the pipeline's defaults filled in."""
         pipe, ad = self.pipe, self.adapter
-        # ---- arguments
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
@@ -193,10 +385,9 @@ class BaseSampler:
             raise ValueError("prompts is empty: give at least one prompt")
         prompts = list(prompts)
         P = len(prompts)
-        G = num_images_per_prompt
         if isinstance(G, bool) or not isinstance(G, int) or G < 1:
             raise ValueError(f"num_images_per_prompt must be a positive int, got {G!r}")
-        T = num_inference_steps if num_inference_steps is not None else _call_default(pipe, "num_inference_steps")
+        T = T if T is not None else _call_default(pipe, "num_inference_steps")
         if isinstance(T, bool) or not isinstance(T, int) or T < 1:
             raise ValueError(f"num_inference_steps must be a positive int, got {T!r}")
         if guidance_scale is None:
@@ -207,7 +398,7 @@ class BaseSampler:
         options = ad.check_options(options)
         height, width = ad.check_size(height, width)
         steps_spec = self.sde_steps if isinstance(sde_steps, str) and sde_steps == "default" else sde_steps
-        requested = set(resolve_sde_steps(steps_spec, T))
+        stochastic_steps = set(resolve_sde_steps(steps_spec, T))
         B = P * G
         if isinstance(generator, list) and len(generator) != B:
             raise ValueError(f"a list of generators needs one per sample: {B} (= {P} prompts x {G}), "
@@ -219,116 +410,44 @@ class BaseSampler:
             if gid.is_floating_point() or gid.shape != (P,):
                 raise ValueError(f"group_ids must be {P} integers (one per prompt), got shape {tuple(gid.shape)}")
             gid = gid.long().cpu()
-        w = ad.cfg_weight(guidance_scale, negative_prompt, options)
-        negatives = _negatives(negative_prompt, P)
-        device = ad.device
+        return _Call(prompts=prompts, P=P, G=G, T=T, guidance_scale=guidance_scale, height=height, width=width,
+                     options=options, steps_spec=steps_spec, stochastic_steps=stochastic_steps, group_ids=gid,
+                     cfg_weight=ad.cfg_weight(guidance_scale, negative_prompt, options),
+                     negatives=_negatives(negative_prompt, P))
 
-        # ---- prompts: each distinct (prompt, negative) pair is encoded once
+    def _encode_prompts(self, call: _Call):
+        """Encode each distinct (prompt, negative) pair once: ``(cond, uncond, shared, embed_index)``
+        with ``embed_index`` ``[B]`` the row of each sample."""
+        ad = self.adapter
+        P, negatives = call.P, call.negatives
         table: dict[tuple, int] = {}
-        for key in zip(prompts, negatives or [None] * P):
+        for key in zip(call.prompts, negatives or [None] * P):
             table.setdefault(key, len(table))
-        rows = torch.tensor([table[k] for k in zip(prompts, negatives or [None] * P)], dtype=torch.long)
+        rows = torch.tensor([table[k] for k in zip(call.prompts, negatives or [None] * P)], dtype=torch.long)
         distinct = list(table)
         cond, uncond, shared = ad.encode([p for p, _ in distinct],
                                          None if negatives is None else [n for _, n in distinct],
-                                         w is not None, options, height, width)
-        g_embed = ad.guidance_embedding(guidance_scale)
+                                         call.cfg_weight is not None, call.options, call.height, call.width)
+        g_embed = ad.guidance_embedding(call.guidance_scale)
         if g_embed is not None:
             shared["guidance"] = g_embed
-        embed_index = rows.repeat_interleave(G).to(device)
-        emb = self._model_batch({k: v[embed_index] for k, v in cond.items()},
-                                None if uncond is None else {k: v[embed_index] for k, v in uncond.items()})
-        cfg = w is not None
+        return cond, uncond, shared, rows.repeat_interleave(call.G).to(ad.device)
 
-        # ---- initial latents and the schedule
+    def _initial_latents(self, call: _Call, generator, latents, same_initial_noise, shared):
+        """The initial latents, drawn as the pipeline draws them (one per prompt, repeated, with
+        ``same_initial_noise``), or the given ones."""
+        ad, P, G = self.adapter, call.P, call.G
+        B = P * G
         if latents is not None:
             if same_initial_noise:
                 raise ValueError("pass either latents or same_initial_noise=True, not both")
             if not isinstance(latents, torch.Tensor) or latents.shape[0] != B:
                 raise ValueError(f"latents must be a tensor with {B} samples (prompts x num_images_per_prompt)")
-            latents = latents.to(device=device, dtype=model_dtype(self.model))
+            latents = latents.to(device=ad.device, dtype=model_dtype(self.model))
         if same_initial_noise:
             gen0 = generator[::G] if isinstance(generator, list) else generator
-            lat = ad.prepare_latents(P, height, width, gen0, None, shared).repeat_interleave(G, dim=0)
-        else:
-            lat = ad.prepare_latents(B, height, width, generator, latents, shared)
-        scheduler = self._make_scheduler()
-        timesteps = ad.set_timesteps(scheduler, T, lat, options)
-        if len(timesteps) != T:
-            raise ValueError(f"the scheduler made {len(timesteps)} timesteps for num_inference_steps = {T}")
-        x = lat.to(torch.float32)
-
-        # ---- coefficients of every step, computed once on the host (one device-to-host copy)
-        t_host = timesteps.cpu().tolist()
-        plan = []  # (recorded, coeffs on device | (a, c) floats)
-        for i in range(T):
-            t = t_host[i]
-            if i in requested:
-                co = self._coeffs(scheduler, i, t, True)
-                if co.stochastic:
-                    plan.append((True, co))
-                    continue
-            else:
-                co = self._coeffs(scheduler, i, t, False)
-            plan.append((False, (float(co.a), float(co.c))))
-        recorded = [i for i, (rec, _) in enumerate(plan) if rec]
-        positions = sorted({p for i in recorded for p in (i, i + 1)} | ({T} if keep_final_latents else set()))
-        slot = {p: k for k, p in enumerate(positions)}
-        store = torch.empty((B, len(positions), *x.shape[1:]), dtype=torch.float32, device=device)
-        log_probs = torch.empty((B, len(recorded)), dtype=torch.float32, device=device)
-        coeff_rows = [torch.stack([co.a, co.c, co.s]) for rec, co in plan if rec]
-        dev_coeffs = {i: co.to(device) for i, (rec, co) in enumerate(plan) if rec}
-
-        # ---- the loop
-        bar = _progress(T, self.progress if progress is None else progress)
-        model = self.model
-        j = 0
-        for i in range(T):
-            if i in slot:
-                store[:, slot[i]] = x
-            t_vec = timesteps[i].expand(B)
-            v_cond, v_uncond = self._predict(model, x, t_vec, emb, shared, cfg)
-            rec, co = plan[i]
-            if rec:
-                noise = _randn(x.shape, generator, device)
-                out = sde_step(x, v_cond, dev_coeffs[i], uncond_output=v_uncond, guidance_scale=w, noise=noise,
-                               reduce=self.reduce, return_mean=False, backend=self.backend)
-                x = out.prev_sample
-                log_probs[:, j] = out.log_prob
-                j += 1
-            else:
-                v = v_cond if v_uncond is None else v_uncond + w * (v_cond - v_uncond)
-                a, c = co
-                x = a * x + c * v
-            if bar is not None:
-                bar.update()
-        if T in slot:
-            store[:, slot[T]] = x
-        if bar is not None:
-            bar.close()
-
-        images = ad.decode(x, height, width) if decode else None
-        info = {"family": ad.family, "kind": self.kind, "num_inference_steps": T, "height": height, "width": width,
-                "reduce": self.reduce, "num_images_per_prompt": G, "same_initial_noise": bool(same_initial_noise),
-                "guidance_scale_arg": float(guidance_scale),
-                "sde_steps": steps_spec, **self._info()}
-        return Rollout(
-            images=images,
-            latents=store,
-            log_probs=log_probs,
-            group_ids=gid.repeat_interleave(G).to(device),
-            embed_index=embed_index,
-            prompts=[p for p in prompts for _ in range(G)],
-            step_indices=torch.tensor(recorded, dtype=torch.long),
-            timesteps=timesteps[recorded].cpu() if recorded else timesteps[:0].cpu(),
-            coeffs=torch.stack(coeff_rows) if coeff_rows else torch.empty((0, 3), dtype=torch.float32),
-            cond=cond,
-            uncond=uncond,
-            shared=shared,
-            guidance_scale=w,
-            latent_positions=tuple(positions),
-            info=info,
-        )
+            return ad.prepare_latents(P, call.height, call.width, gen0, None, shared).repeat_interleave(G, dim=0)
+        return ad.prepare_latents(B, call.height, call.width, generator, latents, shared)
 
     # ---- scoring ---------------------------------------------------------------------------------
 
@@ -364,9 +483,9 @@ class BaseSampler:
         else:
             coeffs = StepCoeffs(rows[:, 0], rows[:, 1], rows[:, 2]).to(device)
             t = rollout.timesteps[st].to(device)
-        emb = self._model_batch(rollout.embeddings(), rollout.embeddings(uncond=True))
+        emb = self.model_batch(rollout.embeddings(), rollout.embeddings(uncond=True))
         cfg = rollout.guidance_scale is not None
-        v_cond, v_uncond = self._predict(model, x, t, emb, rollout.shared, cfg)
+        v_cond, v_uncond = self.predict(x, t, emb, rollout.shared, cfg=cfg, model=model)
         ref_cond = ref_uncond = None
         if reference is not None:
             with torch.no_grad():
@@ -374,13 +493,19 @@ class BaseSampler:
                     if reference != DISABLE_ADAPTERS:
                         raise ValueError(f"reference must be None, a model or {DISABLE_ADAPTERS!r}, got {reference!r}")
                     with adapters_disabled(model):
-                        ref_cond, ref_uncond = self._predict(model, x, t, emb, rollout.shared, cfg)
+                        ref_cond, ref_uncond = self.predict(x, t, emb, rollout.shared, cfg=cfg, model=model)
                 elif isinstance(reference, torch.nn.Module):
-                    ref_cond, ref_uncond = self._predict(reference, x, t, emb, rollout.shared, cfg)
+                    ref_cond, ref_uncond = self.predict(x, t, emb, rollout.shared, cfg=cfg, model=reference)
                 else:
                     raise TypeError(f"reference must be None, a model or {DISABLE_ADAPTERS!r}, "
                                     f"got {type(reference).__name__}")
-        return sde_step(x, v_cond, coeffs, uncond_output=v_uncond, guidance_scale=rollout.guidance_scale,
+        w = rollout.guidance_scale
+        if cfg and not self.adapter.linear_cfg:  # as denoise(): the family's combination, then a plain step
+            v_cond, v_uncond = self.adapter.guide(v_cond, v_uncond, w), None
+            if ref_cond is not None:
+                ref_cond, ref_uncond = self.adapter.guide(ref_cond, ref_uncond, w), None
+            w = None
+        return sde_step(x, v_cond, coeffs, uncond_output=v_uncond, guidance_scale=w,
                         prev_sample=x_next, ref_output=ref_cond, ref_uncond_output=ref_uncond,
                         reduce=rollout.info.get("reduce", self.reduce), return_mean=False, backend=self.backend)
 

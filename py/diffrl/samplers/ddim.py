@@ -34,7 +34,7 @@ class DDIMSampler(BaseSampler):
         self._config_overrides = {}
         from diffusers import DDIMScheduler  # noqa: PLC0415
 
-        cfg = pipe.scheduler.config
+        cfg = self.adapter.scheduler_config()
         clips = bool(cfg.get("clip_sample", False)) or bool(cfg.get("thresholding", False))
         if clips:
             if isinstance(pipe.scheduler, DDIMScheduler):
@@ -49,10 +49,13 @@ class DDIMSampler(BaseSampler):
     def _make_scheduler(self):
         from diffusers import DDIMScheduler  # noqa: PLC0415
 
-        return DDIMScheduler.from_config(self.pipe.scheduler.config, **self._config_overrides)
+        return DDIMScheduler.from_config(self.adapter.scheduler_config(), **self._config_overrides)
 
     def _coeffs(self, scheduler, i, t, stochastic) -> StepCoeffs:
-        # alphas_cumprod stay on the host in DDIMScheduler; t is a host int
+        # alphas_cumprod stay on the host in DDIMScheduler; t is a host int. The config's steps_offset
+        # (1 for SD 1.5) is already in t (set_timesteps adds it with "leading" spacing), and the step
+        # goes back num_train_timesteps // T from there, as DDIMScheduler.step does (issue #22; tests/
+        # test_ddim_steps_offset.py compares both with diffusers)
         return schedules.ddim_from_scheduler(scheduler, int(t), self.eta if stochastic else 0.0)
 
     def _info(self):

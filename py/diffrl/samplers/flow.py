@@ -39,7 +39,7 @@ class FlowSDESampler(BaseSampler):
     def _make_scheduler(self):
         from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: PLC0415
 
-        return FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
+        return FlowMatchEulerDiscreteScheduler.from_config(self.adapter.scheduler_config())
 
     def _coeffs(self, scheduler, i, t, stochastic) -> StepCoeffs:
         # sigmas copied to the host once per rollout (set_timesteps puts them on the device)

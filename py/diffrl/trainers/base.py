@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import resource
 import time
@@ -25,6 +24,7 @@ from typing import Any
 
 import torch
 
+from diffrl.models.loading import load_pipeline  # re-exported: its home was here
 from diffrl.trainers import deepspeed as ds
 from diffrl.trainers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from diffrl.trainers.config import TrainConfig, _check, config_to_dict
@@ -40,35 +40,6 @@ DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 class NonFiniteError(RuntimeError):
     """Raised after ``max_nonfinite`` consecutive epochs with a non-finite reward, loss or gradient."""
-
-
-def load_pipeline(pretrained: str, *, seed: int = 0, dtype=torch.float32):
-    """A diffusers pipeline from a folder (a saved shapes pipeline too) / hub id, ``tiny:<family>`` for a
-    random tiny one, or ``builtin:shapes`` for the packaged pre-trained shapes model."""
-    if not pretrained:
-        raise ValueError("config.pretrained is empty: give a diffusers folder or hub id, 'tiny:<family>' or "
-                         "'builtin:shapes' (or pass pipeline= to the trainer)")
-    if pretrained.startswith("builtin:"):
-        name = pretrained.split(":", 1)[1]
-        if name != "shapes":
-            raise ValueError(f"unknown built-in model {name!r}: the package ships 'builtin:shapes'")
-        from diffrl.models.shapes_model import load_base_pipeline  # noqa: PLC0415
-
-        return load_base_pipeline(dtype=dtype)
-    if pretrained.startswith("tiny:"):
-        from diffrl.samplers.tiny import tiny_pipeline  # noqa: PLC0415
-
-        return tiny_pipeline(pretrained.split(":", 1)[1], seed=seed, dtype=dtype)
-    from diffusers import DiffusionPipeline  # noqa: PLC0415
-
-    from diffrl.models.shapes_model import ShapesPipeline, dtype_kwarg  # noqa: PLC0415
-
-    index = Path(pretrained) / "model_index.json"
-    if index.is_file() and json.loads(index.read_text()).get("_class_name") == ShapesPipeline.__name__:
-        # a saved shapes pipeline (a retrained base model, a fine-tuned one): diffusers' loader looks
-        # its pipeline class up in the diffusers module, where ours is not
-        return ShapesPipeline.from_pretrained(pretrained, local_files_only=True, **dtype_kwarg(dtype))
-    return DiffusionPipeline.from_pretrained(pretrained, **dtype_kwarg(dtype))
 
 
 def _denoiser_name(pipe) -> str:
@@ -745,7 +716,7 @@ class _AdaptersOff(torch.nn.Module):
         return self.inner.dtype
 
     def forward(self, *args, **kwargs):
-        from diffrl.samplers.adapters import adapters_disabled  # noqa: PLC0415
+        from diffrl.samplers.lora import adapters_disabled  # noqa: PLC0415
 
         with adapters_disabled(self.inner):
             return self.inner(*args, **kwargs)

@@ -95,6 +95,10 @@ class NFTConfig(GRPOConfig):
     nft_beta: float = 1.0                # how far the implicit positive / negative policies lie from the old one
     nft_adv_scale: float = 2.0           # advantage that counts as fully good: r = 0.5 + A / (2 nft_adv_scale)
     train_guided: bool = False           # train the CFG-guided velocity (as sampled) rather than the conditional
+    nft_negative_weight: float = 1.0     # how hard the worse-than-average samples push away (0: they only
+                                         # anchor the update to the sampling policy, a trust region)
+    nft_group_noise: bool = False        # one noise level and draw per group (common random numbers: the
+                                         # group's advantage-weighted sum then cancels the noise's part)
 
 
 @dataclass
@@ -272,6 +276,8 @@ def _check(cfg) -> None:
     if isinstance(cfg, NFTConfig):
         need(cfg.nft_beta > 0, f"nft_beta must be > 0, got {cfg.nft_beta}")
         need(cfg.nft_adv_scale > 0, f"nft_adv_scale must be > 0, got {cfg.nft_adv_scale}")
+        need(0.0 <= cfg.nft_negative_weight <= 1.0,
+             f"nft_negative_weight must be in [0, 1], got {cfg.nft_negative_weight}")
         need(cfg.kl_coef == 0, "kl_coef is not supported by the nft trainer (nft_beta bounds each update instead)")
     if isinstance(cfg, DDPOConfig):
         need(cfg.eta >= 0, "eta must be >= 0")

@@ -31,7 +31,7 @@ class DDPOTrainer(BaseTrainer):
 
     def make_sampler(self, pipe):
         from diffrl.samplers import DDIMSampler  # noqa: PLC0415
-        from diffrl.samplers.adapters import get_adapter  # noqa: PLC0415
+        from diffrl.samplers.families import get_adapter  # noqa: PLC0415
 
         if get_adapter(pipe).kind != "ddim":  # say it in trainer terms, not the sampler's
             raise ValueError(f"DDPOTrainer trains DDIM/UNet pipelines (SD 1.5, SDXL); {type(pipe).__name__} is a "

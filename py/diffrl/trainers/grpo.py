@@ -21,7 +21,7 @@ class GRPOTrainer(BaseTrainer):
 
     def make_sampler(self, pipe):
         from diffrl.samplers import FlowSDESampler  # noqa: PLC0415
-        from diffrl.samplers.adapters import get_adapter  # noqa: PLC0415
+        from diffrl.samplers.families import get_adapter  # noqa: PLC0415
 
         if get_adapter(pipe).kind != "flow":  # say it in trainer terms, not the sampler's
             raise ValueError(f"{type(self).__name__} trains rectified-flow pipelines (SD3 / SD3.5, FLUX.1, the shapes "

@@ -23,6 +23,12 @@ any flow-matching family of ``FlowSDESampler`` works. The "old" predictions are 
 that sampled the epoch, computed before the epoch's first update (no frozen copy of the model).
 ``train_guided``: train the classifier-free-guided velocity the sampler used (two model calls per
 sample), rather than the conditional one alone.
+``nft_negative_weight`` (w in [0, 1]) scales how far below 0.5 the worse samples' r goes: at r = 0.5 a
+sample's loss is ``|x_theta - x_old|^2`` plus a constant, so w = 0 pulls towards the better samples only
+and the others hold the update near the sampling policy.
+``nft_group_noise``: one noise level and noise draw per group instead of per sample (common random
+numbers), so that the part of each sample's loss that comes from the noise draw cancels in the group's
+advantage-weighted sum.
 """
 
 from __future__ import annotations
@@ -35,6 +41,13 @@ from diffrl.trainers.grpo import GRPOTrainer
 __all__ = ["NFTTrainer"]
 
 
+def _first_of_group(group_ids: torch.Tensor) -> torch.Tensor:
+    """``[B]`` index of the first sample of each sample's group."""
+    ids = group_ids.long().cpu()
+    first: dict[int, int] = {}
+    return torch.tensor([first.setdefault(int(g), i) for i, g in enumerate(ids)], dtype=torch.long)
+
+
 class NFTTrainer(GRPOTrainer):
     config_class = NFTConfig
     kind = "nft"
@@ -45,9 +58,9 @@ class NFTTrainer(GRPOTrainer):
         ``train_guided`` and the rollout used CFG, else the conditional one."""
         sampler = self.sampler
         guided = self.config.train_guided and sub.guidance_scale is not None
-        emb = sampler._model_batch(sub.embeddings(), sub.embeddings(uncond=True)) if guided else sub.embeddings()
-        v_cond, v_uncond = sampler._predict(model, x_t, t, emb, sub.shared, guided)
-        return v_cond if v_uncond is None else v_uncond + sub.guidance_scale * (v_cond - v_uncond)
+        emb = sampler.model_batch(sub.embeddings(), sub.embeddings(uncond=True) if guided else None)
+        v_cond, v_uncond = sampler.predict(x_t, t, emb, sub.shared, cfg=guided, model=model)
+        return sampler.guide(v_cond, v_uncond, sub.guidance_scale)
 
     def prepare_training(self, epoch: int, rollout, advantages: torch.Tensor) -> dict:
         """Per inner epoch: an order of the samples, a noise level t and a noise draw per sample, and
@@ -64,6 +77,11 @@ class NFTTrainer(GRPOTrainer):
             # logit-normal t (more weight mid-trajectory, where layout and content are decided)
             t = torch.sigmoid(torch.randn(B, generator=gen)).to(x0.device)
             eps = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
+            if cfg.nft_group_noise:
+                # the group's first sample's (t, eps) for all of it: the advantages sum to ~0 over a
+                # group, so what the samples' losses share (the noise's own error) cancels in the update
+                first = _first_of_group(rollout.group_ids).to(x0.device)
+                t, eps = t[first], eps[first]
             tt = t.view(-1, *[1] * (x0.dim() - 1))
             x_t = (1 - tt) * x0 + tt * eps
             x_old = torch.empty_like(x0)
@@ -74,6 +92,9 @@ class NFTTrainer(GRPOTrainer):
                     x_old[d] = x_t[d] - tt[d] * v.float()
             plan.append({"perm": perm, "t": t, "x_t": x_t, "x_old": x_old})
         r = (0.5 + adv / (2 * cfg.nft_adv_scale)).clamp(0, 1)
+        if cfg.nft_negative_weight != 1.0:
+            # below-average samples: r = 0.5 is |x_theta - x_old|^2 + const, no push, only the anchor
+            r = torch.where(r < 0.5, 0.5 - cfg.nft_negative_weight * (0.5 - r), r)
         return {"x0": x0, "r": r, "plan": plan, "num_train": num_train}
 
     def inner_epoch_order(self, state: dict, inner: int) -> torch.Tensor:

@@ -3,7 +3,7 @@
 A preset is a trainer kind (``grpo`` | ``nft`` | ``ddpo``) and config values (a value may be a function,
 called when the preset is used). ``pretrained: "builtin:shapes"`` is the packaged shapes model of ``diffrl
 demo`` (preset ``shapes-grpo``); ``pretrained: "tiny:<family>"``
-means a random-weight pipeline from ``diffrl.samplers.tiny`` (nothing is downloaded), which is
+means a random-weight pipeline from ``diffrl.models.tiny`` (nothing is downloaded), which is
 what makes the ``tiny-*`` presets run an epoch on a CPU in seconds. They are smoke tests of the
 whole loop, not models that learn anything useful.
 """
