@@ -5,7 +5,10 @@ SD 1.5's scheduler config has ``steps_offset=1``: with ``timestep_spacing="leadi
 ``step`` still goes back by ``num_train_timesteps // num_inference_steps`` from the shifted
 timestep (so the last step jumps below 0, to the final alpha). The sampler must do exactly that:
 these tests compare its timesteps and its update with diffusers' ``DDIMScheduler`` on a tiny config,
-on fresh random inputs, in float64 where the comparison is of the arithmetic itself.
+on fresh random inputs, in float64 where the comparison is of the arithmetic itself. The bug the
+issue found was in copying the config, not in the step: diffusers' ``from_config`` resets the keys in
+``_use_default_values``, which include a ``steps_offset`` that ``StableDiffusionPipeline`` patched to
+1 after the scheduler was built in code (the last test builds schedulers both ways).
 """
 
 import pytest

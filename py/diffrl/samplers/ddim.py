@@ -54,8 +54,9 @@ class DDIMSampler(BaseSampler):
     def _coeffs(self, scheduler, i, t, stochastic) -> StepCoeffs:
         # alphas_cumprod stay on the host in DDIMScheduler; t is a host int. The config's steps_offset
         # (1 for SD 1.5) is already in t (set_timesteps adds it with "leading" spacing), and the step
-        # goes back num_train_timesteps // T from there, as DDIMScheduler.step does (issue #22; tests/
-        # test_ddim_steps_offset.py compares both with diffusers)
+        # goes back num_train_timesteps // T from there, as DDIMScheduler.step does; the offset reaches
+        # our scheduler because the family's scheduler_config() spells every value out (issue #22;
+        # tests/test_ddim_steps_offset.py compares both with diffusers)
         return schedules.ddim_from_scheduler(scheduler, int(t), self.eta if stochastic else 0.0)
 
     def _info(self):
