@@ -37,7 +37,7 @@ def _trainer(overrides: dict, out: str):
 
 
 def _epoch_rewards(trainer, epoch: int) -> dict:
-    return trainer.score_rewards(trainer.sample_epoch(epoch))
+    return trainer.data.score(trainer.data.sample(epoch))
 
 
 def stepvar(args, overrides):
@@ -64,8 +64,8 @@ def gradcos(args, overrides):
         params = list(t.trainable.values())
         grads = []
         for e in range(1, args.epochs + 1):
-            r = t.sample_epoch(e)
-            h = t.score_rewards(r)
+            r = t.data.sample(e)
+            h = t.data.score(r)
             adv = t.compute_advantages(h["reward"], r.group_ids, r.prompts)
             for p in params:
                 p.grad = None

@@ -23,8 +23,8 @@ def _config(out, **over):
 
 
 def _epoch_inputs(tr, epoch=1):
-    rollout = tr.sample_epoch(epoch)
-    rewards = tr.score_rewards(rollout)["reward"]
+    rollout = tr.data.sample(epoch)
+    rewards = tr.data.score(rollout)["reward"]
     adv = tr.compute_advantages(rewards, rollout.group_ids, rollout.prompts)
     return rollout, adv
 
@@ -36,16 +36,16 @@ def test_loss_matches_its_formula_and_gradient_at_the_old_policy(tmp_path, guide
     tr = NFTTrainer(_config(tmp_path, nft_beta=beta, nft_adv_scale=scale, train_guided=guided, group_size=3,
                             prompts_per_epoch=3, train_batch_size=4), progress=False)
     rollout, adv = _epoch_inputs(tr)
-    state = tr.prepare_training(1, rollout, adv)
+    state = tr.objective.prepare(1, rollout, adv)
     x0 = rollout.final_latents.double()
     r = (0.5 + adv.double() / (2 * scale)).clamp(0, 1)
     torch.testing.assert_close(state["r"].double(), r, rtol=0, atol=1e-6)
-    idx = tr.inner_epoch_order(state, 0)[:4]
+    idx = tr.objective.order(state, 0)[:4]
     plan = state["plan"][0]
     d = idx
     # the trained velocity, captured at the same inputs, to build the loss by hand in float64
     captured = {}
-    orig = tr._velocity
+    orig = tr.objective.velocity
 
     def spy(model, sub, x_t, t):
         v = orig(model, sub, x_t, t)
@@ -53,8 +53,8 @@ def test_loss_matches_its_formula_and_gradient_at_the_old_policy(tmp_path, guide
         captured["v"] = v
         return v
 
-    tr._velocity = spy
-    loss, stats = tr.minibatch_loss(state, rollout[idx], idx, 0)
+    tr.objective.velocity = spy
+    loss, stats = tr.objective.loss(state, rollout[idx], idx, 0)
     v = captured["v"].detach().double()
     t = plan["t"][d].double().view(-1, 1, 1, 1)
     x_t, x_old = plan["x_t"][d].double(), plan["x_old"][d].double()
@@ -122,7 +122,7 @@ def test_group_noise_shares_t_and_noise_within_each_group_only(tmp_path, group_n
     tr = NFTTrainer(_config(tmp_path, nft_group_noise=group_noise, group_size=3, prompts_per_epoch=3,
                             train_batch_size=4, inner_epochs=2), progress=False)
     rollout, adv = _epoch_inputs(tr)
-    state = tr.prepare_training(1, rollout, adv)
+    state = tr.objective.prepare(1, rollout, adv)
     x0 = rollout.final_latents
     gids = rollout.group_ids.tolist()
     for plan in state["plan"]:

@@ -22,8 +22,8 @@ from two_ranks import launch_two_ranks, wait_all
 
 from diffrl.cli import main
 from diffrl.ops import group_advantages
-from diffrl.trainers import (DDPOConfig, DDPOTrainer, GRPOConfig, GRPOTrainer, NonFiniteError, get_preset,
-                             latest_checkpoint, load_checkpoint, load_config)
+from diffrl.trainers import (DDPOConfig, DDPOTrainer, GRPOConfig, GRPOTrainer, NFTConfig, NonFiniteError,
+                             get_preset, latest_checkpoint, load_checkpoint, load_config)
 
 FAST = {"num_inference_steps": 2}
 
@@ -159,9 +159,18 @@ def test_bad_configs_are_clear_errors(tmp_path, capsys):
         GRPOTrainer(GRPOConfig(prompts=["a"], output_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="no training prompts"):
         GRPOTrainer(GRPOConfig(pretrained="tiny:sd3", output_dir=str(tmp_path)))
-    # a config built directly (not through load_config) is checked by the trainer too
+    # a config built directly (not through load_config) is checked when it is built (__post_init__),
+    # each class its own keys; one changed after it was built, by the trainer
     with pytest.raises(ValueError, match="lr_scheduler must be"):
-        GRPOTrainer(GRPOConfig(prompts=["a"], pretrained="tiny:sd3", lr_scheduler="cosin", output_dir=str(tmp_path)))
+        GRPOConfig(prompts=["a"], pretrained="tiny:sd3", lr_scheduler="cosin", output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="sde_window"):
+        NFTConfig(sde_window=[3, 1])
+    with pytest.raises(ValueError, match="eta must be"):
+        DDPOConfig(eta=-1.0)
+    changed = GRPOConfig(prompts=["a"], pretrained="tiny:sd3", output_dir=str(tmp_path))
+    changed.lr_scheduler = "cosin"
+    with pytest.raises(ValueError, match="lr_scheduler must be"):
+        GRPOTrainer(changed)
     # a pipeline of the other family: said in trainer terms, before any training
     with pytest.raises(ValueError, match="GRPOTrainer trains rectified-flow pipelines.*DDPOTrainer"):
         GRPOTrainer(GRPOConfig(prompts=["a"], pretrained="tiny:sd", output_dir=str(tmp_path / "g")))
@@ -488,3 +497,54 @@ def test_ddpo_gradient_accumulation_is_the_mean_over_minibatches(tmp_path):
             torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6 * scale)
             torch.testing.assert_close(got[k], big[k], rtol=1e-5, atol=1e-5 * scale)
     assert any(single[0][k].abs().max() > 0 for k in single[0])  # there was something to compare
+
+
+def test_trainer_kinds_are_declared_once():
+    from diffrl.trainers import KINDS, TRAINER_CLASSES
+    from diffrl.trainers.cli_train import TRAINERS
+    from diffrl.trainers.presets import PRESETS
+
+    assert tuple(KINDS) == TRAINERS and set(TRAINER_CLASSES) == set(KINDS)
+    for name, spec in KINDS.items():
+        assert spec.trainer.kind == name and spec.trainer.config_class is spec.config
+        assert TRAINER_CLASSES[name] == (spec.config, spec.trainer)
+    assert {p["trainer"] for p in PRESETS.values()} <= set(KINDS)
+
+    class Mine(GRPOTrainer):  # a user's subclass keeps its base's kind
+        pass
+
+    assert Mine.kind == "grpo" and Mine.config_class is GRPOConfig
+
+
+def test_an_objective_from_outside_plugs_into_the_loop(tmp_path):
+    """An objective the library does not know (PPO's loss, counted): the loop asks for its order once per
+    inner epoch and for ``terms`` losses per minibatch, and the stats it returns reach the record."""
+    from diffrl.trainers.objectives import PPOObjective
+
+    calls = {"order": 0, "loss": []}
+
+    class Counted(PPOObjective):
+        def order(self, state, inner):
+            calls["order"] += 1
+            return super().order(state, inner)
+
+        def loss(self, state, sub, idx, term):
+            loss, stats = super().loss(state, sub, idx, term)
+            calls["loss"].append((len(idx), term))
+            return loss, {**stats, "counted": torch.tensor(float(term))}
+
+    class Trainer(GRPOTrainer):
+        objective_class = Counted
+
+    inner, tbs = _randint(1, 3), _randint(1, 3)
+    cfg = _config("tiny-sd3-jpeg", tmp_path, epochs=1, num_inference_steps=3, save_every=0, inner_epochs=inner,
+                  train_batch_size=tbs, timestep_fraction=2 / 3)
+    tr = Trainer(cfg, progress=False)
+    (rec,) = tr.train()
+    B = cfg.prompts_per_epoch * cfg.group_size
+    n_terms = max(1, int(3 * cfg.timestep_fraction))
+    assert calls["order"] == inner
+    assert len(calls["loss"]) == inner * math.ceil(B / tbs) * n_terms
+    assert sorted({t for _, t in calls["loss"]}) == list(range(n_terms))
+    assert rec["counted"] == pytest.approx(sum(range(n_terms)) / n_terms)
+    assert isinstance(tr.objective, Counted) and tr.kind == "grpo"

@@ -37,6 +37,7 @@ _LORA = dict(num_inference_steps=2, epochs=2, prompts_per_epoch=4, save_every=1,
 _WORKER = r"""
 import json, sys, torch
 from diffrl.trainers import GRPOTrainer, GRPOConfig, get_preset, load_config
+from diffrl.trainers.objectives import PPOObjective
 exec(sys.argv[4])  # images()
 mode, out, over = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 nan_at = over.pop("_nan_at", None)  # (epoch, call) of a NaN loss on rank 1
@@ -45,14 +46,18 @@ _, values = get_preset("tiny-sd3-jpeg")
 values.update(over, output_dir=out)
 cfg = load_config(GRPOConfig, base=values)
 
-class Trainer(GRPOTrainer):
-    calls = 0
-    def minibatch_loss(self, state, sub, idx, term):
-        loss, stats = super().minibatch_loss(state, sub, idx, term)
+class NaNObjective(PPOObjective):
+    def loss(self, state, sub, idx, term):
+        loss, stats = super().loss(state, sub, idx, term)
+        tr = self.trainer
         Trainer.calls += 1
-        if nan_at is not None and self.rank == 1 and [self.epoch + 1, Trainer.calls] == nan_at:
+        if nan_at is not None and tr.rank == 1 and [tr.epoch + 1, Trainer.calls] == nan_at:
             loss = loss * float("nan")
         return loss, stats
+
+class Trainer(GRPOTrainer):
+    calls = 0
+    objective_class = NaNObjective
     def run_epoch(self, epoch):
         Trainer.calls = 0
         return super().run_epoch(epoch)
@@ -80,11 +85,11 @@ if mode.startswith("zero"):
     tr.train(1)  # checkpoint epoch 1, then a fresh trainer (a new engine) resumes from it
     tr = Trainer(cfg, accelerator=acc, resume=True, progress=False)
     assert tr.resumed_from == 1
-    info = {"zero": tr.zero, "engine": type(tr.model).__name__,
+    info = {"zero": tr.parallel.zero_stage, "engine": type(tr.model).__name__,
             "partitioned": all(hasattr(p, "ds_id") for p in tr.trainable.values())}
 else:
     tr = Trainer(cfg, progress=False)
-    info = {"zero": tr.zero, "wrapped": tr.model is not tr.raw_model}
+    info = {"zero": tr.parallel.zero_stage, "wrapped": tr.model is not tr.raw_model}
 tr.train()
 copy = lambda w: {k: v.detach().clone() for k, v in w.items()}
 # (every rank samples and gathers: under ZeRO-3 each model call and each gather is a collective)
@@ -95,7 +100,7 @@ if tr.ema is not None:
         ema_images = images(tr)
 trained_images = images(tr)  # the trained weights again after the block
 weights = copy(tr.trained_weights())
-frozen = copy(tr._unsharded({k: v for k, v in tr.raw_model.state_dict(keep_vars=True).items()
+frozen = copy(tr.parallel.whole({k: v for k, v in tr.raw_model.state_dict(keep_vars=True).items()
                              if k not in tr.trainable}))
 frozen.update({f"vae.{k}": v.clone() for k, v in tr.pipe.vae.state_dict().items()})
 if tr.rank == 0:
@@ -176,7 +181,7 @@ def test_zero2_full_finetuning_matches_ddp_resumes_and_writes_full_checkpoints(t
 
     # a single-process trainer resumes from the DeepSpeed checkpoint and samples what rank 0 sampled
     single = _fresh(tmp_path, _FULL, name="zero2", resume=True)
-    assert single.resumed_from == 2 and single.zero is None
+    assert single.resumed_from == 2 and single.parallel.zero_stage is None
     assert all(torch.equal(single.trained_weights()[k], z["weights"][k]) for k in initial)
     torch.testing.assert_close(z["trained_images"], images(single), rtol=0, atol=1e-6)
 
@@ -262,7 +267,7 @@ def test_zero3_full_finetuning_matches_ddp_resumes_and_writes_full_checkpoints(t
     _same_optimizer_and_schedule(cz, cd)
 
     single = _fresh(tmp_path, _FULL, name="zero3", resume=True)
-    assert single.resumed_from == 2 and single.zero is None
+    assert single.resumed_from == 2 and single.parallel.zero_stage is None
     trained_images = images(single)
     with single.ema_weights():
         ema_images = images(single)

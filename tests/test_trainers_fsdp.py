@@ -51,11 +51,11 @@ if mode == "fsdp":
     tr = GRPOTrainer(cfg, accelerator=acc, resume=True, progress=False)
     assert tr.resumed_from == 1
     from torch.distributed.tensor import DTensor
-    info = {"fsdp": tr.fsdp, "sharded": all(isinstance(p, DTensor) for p in tr.trainable.values()),
+    info = {"fsdp": tr.parallel.name == "FSDP", "sharded": all(isinstance(p, DTensor) for p in tr.trainable.values()),
             "reference_sharded": all(isinstance(p, DTensor) for p in tr.reference.parameters())}
 else:
     tr = GRPOTrainer(cfg, progress=False)
-    info = {"fsdp": tr.fsdp, "wrapped": tr.model is not tr.raw_model}
+    info = {"fsdp": tr.parallel.name == "FSDP", "wrapped": tr.model is not tr.raw_model}
 tr.train()
 copy = lambda w: {k: v.clone() for k, v in w.items()}  # without FSDP they are views of the parameters
 # straight after the epoch-2 grid, whose forwards left the FSDP root unsharded (a state_dict() call,
@@ -124,7 +124,7 @@ def test_fsdp2_two_processes_match_ddp_and_write_full_checkpoints(tmp_path):
     # sampled, with the trained weights and inside ema_weights()
     single = GRPOTrainer(load_config(GRPOConfig, base={**get_preset("tiny-sd3-jpeg")[1], **_OVER,
                                                        "output_dir": str(fsdp_out)}), resume=True, progress=False)
-    assert single.resumed_from == 2 and not single.fsdp
+    assert single.resumed_from == 2 and single.parallel.name != "FSDP"
     assert all(torch.equal(single.trained_weights()[k], f["weights"][k]) for k in initial)
     trained_images = images(single)
     with single.ema_weights():

@@ -118,7 +118,7 @@ def run_demo(output_dir: str | Path = "runs/demo", *, minutes: float | None = No
     from diffrl.models.shapes_eval import (  # noqa: PLC0415
         SEED_SET_STRIDE, evaluate, heldout_prompts, paired_bootstrap, save_grid)
     from diffrl.rewards import ShapesReward  # noqa: PLC0415
-    from diffrl.trainers import TRAINER_CLASSES  # noqa: PLC0415
+    from diffrl.trainers.kinds import get_kind  # noqa: PLC0415
     from diffrl.trainers.presets import get_preset  # noqa: PLC0415
 
     if preset not in DEMO_PRESETS:
@@ -137,8 +137,8 @@ def run_demo(output_dir: str | Path = "runs/demo", *, minutes: float | None = No
     if threads:
         torch.set_num_threads(threads)
     kind, values = get_preset(preset)
-    config_cls, trainer_cls = TRAINER_CLASSES[kind]
-    name = {"grpo": "GRPO", "nft": "NFT (forward-process GRPO)"}[kind]
+    spec = get_kind(kind)
+    config_cls, trainer_cls, name = spec.config, spec.trainer, spec.title
     values.update(output_dir=str(out), seed=seed, device=device)
     if minutes is not None:
         values["max_minutes"] = float(minutes)

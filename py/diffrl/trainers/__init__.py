@@ -12,10 +12,13 @@ from diffrl.trainers.nft import NFTTrainer  # noqa: E402
 from diffrl.trainers.presets import PRESETS, get_preset  # noqa: E402
 from diffrl.trainers.rewards_factory import build_reward, build_rewards  # noqa: E402
 
+from diffrl.trainers.kinds import KINDS, get_kind  # noqa: E402
+
 # trainer kind (a preset's "trainer", a config file's ``trainer:`` key) -> (config class, trainer class)
-TRAINER_CLASSES = {"grpo": (GRPOConfig, GRPOTrainer), "nft": (NFTConfig, NFTTrainer), "ddpo": (DDPOConfig, DDPOTrainer)}
+TRAINER_CLASSES = {name: (k.config, k.trainer) for name, k in KINDS.items()}
 
 __all__ = ["TrainConfig", "GRPOConfig", "NFTConfig", "DDPOConfig", "load_config", "apply_overrides",
            "save_checkpoint", "load_checkpoint", "latest_checkpoint", "MetricsLog",
            "BaseTrainer", "GRPOTrainer", "NFTTrainer", "DDPOTrainer", "NonFiniteError", "load_pipeline",
-           "PRESETS", "get_preset", "build_reward", "build_rewards", "TRAINER_CLASSES"]
+           "PRESETS", "get_preset", "build_reward", "build_rewards", "TRAINER_CLASSES",
+           "KINDS", "get_kind"]

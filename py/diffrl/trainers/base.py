@@ -1,4 +1,9 @@
-"""The training loop shared by GRPOTrainer and DDPOTrainer: sample -> reward -> advantages -> PPO.
+"""The training loop shared by the trainers: data (a data source) -> updates (an objective's loss).
+
+A trainer kind is a config class, a data source (:mod:`diffrl.trainers.data`: rollouts of the trained
+policy, scored and turned into advantages), an objective (:mod:`diffrl.trainers.objectives`: PPO on
+the recorded log-probs, NFT's flow matching, ...) and a sampler; how it runs over processes (DDP,
+FSDP2, ZeRO) is one object from :mod:`diffrl.trainers.parallel`, chosen from the accelerator.
 
 Determinism and exact resume. Everything random in an epoch comes from generators seeded by
 ``(config.seed, epoch, rank, ...)``, not from the global RNG: the prompts of the epoch, the sampling
@@ -25,12 +30,13 @@ from typing import Any
 import torch
 
 from diffrl.models.loading import load_pipeline  # re-exported: its home was here
-from diffrl.trainers import deepspeed as ds
 from diffrl.trainers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from diffrl.trainers.config import TrainConfig, _check, config_to_dict
-from diffrl.trainers.fsdp import (clip_grad_norm, full_optimizer_state, full_tensor, reshard, shard_like,
-                                  sharded_optimizer_state, uses_fsdp2)
+from diffrl.trainers.config import TrainConfig, config_to_dict
+from diffrl.trainers.data import RolloutSource
+from diffrl.trainers.kinds import KINDS, kind_of
 from diffrl.trainers.metrics import MetricsLog
+from diffrl.trainers.objectives import PPOObjective
+from diffrl.trainers.parallel import parallel_for, torch_optimizer
 
 __all__ = ["BaseTrainer", "NonFiniteError", "load_pipeline", "DEFAULT_LORA_TARGETS"]
 
@@ -97,7 +103,8 @@ def lr_factor(schedule: str, warmup: int, total: int):
 
 
 class BaseTrainer:
-    """Subclasses set ``config_class`` and implement ``make_sampler`` and ``compute_advantages``.
+    """Subclasses implement ``make_sampler`` and ``compute_advantages`` and may set ``objective_class`` /
+    ``data_source_class``; their kind and config class come from :data:`diffrl.trainers.kinds.KINDS`.
 
     ``pipeline``: a diffusers pipeline to train (default: built from ``config.pretrained``).
     ``reward``: a ``diffrl.rewards`` reward, or any callable ``(images, prompts) -> {"reward": [B]}``
@@ -107,49 +114,27 @@ class BaseTrainer:
 
     config_class = TrainConfig
     kind = ""
-    keep_final_latents = False  # the sampler also stores the last latent (forward-process losses train on it)
+    objective_class = PPOObjective
+    data_source_class = RolloutSource
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        kind = kind_of(cls)  # declared once, in diffrl.trainers.kinds
+        if kind:
+            cls.kind, cls.config_class = kind, KINDS[kind].config
 
     def __init__(self, config: TrainConfig, *, pipeline=None, reward=None, accelerator=None,
                  resume: bool = False, progress: bool = True):
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
-        _check(config)  # a config built directly, not through load_config, is validated here
+        config.validate()  # (again: a config's fields may have been changed after it was built)
         self.config = cfg = config
         self.progress = progress
-        if accelerator is None:
-            from accelerate import Accelerator  # noqa: PLC0415
-
-            from accelerate.state import AcceleratorState  # noqa: PLC0415
-
-            cpu = cfg.device == "cpu" or not torch.cuda.is_available()
-            # accelerate keeps one process-wide state and refuses a second Accelerator with other
-            # settings; a later trainer in the same process (tests, notebooks) re-creates it
-            shared = AcceleratorState._shared_state
-            if shared and (str(shared.get("_mixed_precision", cfg.mixed_precision)) != cfg.mixed_precision
-                           or (cpu and shared.get("device") is not None and shared["device"].type != "cpu")):
-                AcceleratorState._reset_state()
-            trackers = _available_trackers(cfg.log_with)
-            accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, log_with=trackers or None,
-                                      project_dir=str(cfg.output_dir))
-            if trackers:
-                accelerator.init_trackers("diffrl", config={k: v for k, v in config_to_dict(cfg).items()
-                                                            if isinstance(v, (int, float, str, bool))})
-        self.accelerator = acc = accelerator
+        self.accelerator = acc = self._accelerator(accelerator)
         self.device = acc.device
         self.rank, self.world = acc.process_index, acc.num_processes
-        self.fsdp = uses_fsdp2(acc)  # the denoiser's parameters are DTensor shards (see diffrl.trainers.fsdp)
-        self.zero = ds.zero_stage(acc)  # DeepSpeed ZeRO 1-3: the trainer drives the engine (diffrl.trainers.deepspeed)
-        # FSDP2 / ZeRO-3: the denoiser's parameters are partitioned, every model call gathers them (a collective)
-        self.partitioned = self.fsdp or self.zero == 3
-        if self.partitioned and cfg.prompts_per_epoch % self.world:
-            # every model call is a collective: the ranks must sample the same number of batches
-            raise ValueError(f"under {'FSDP' if self.fsdp else 'ZeRO-3'} prompts_per_epoch ({cfg.prompts_per_epoch}) "
-                             f"must be a multiple of the number of processes ({self.world})")
-        steps = {self._optimizer_steps_per_epoch(r) for r in range(self.world)}
-        if len(steps) > 1:  # DDP: every rank must join every gradient all-reduce, or the run hangs
-            raise ValueError(f"prompts_per_epoch={cfg.prompts_per_epoch} over {self.world} processes gives the ranks "
-                             f"different numbers of optimizer steps per epoch {sorted(steps)}; use a multiple of "
-                             f"{self.world}")
+        self.parallel = par = parallel_for(acc)
+        self._check_batch_split()
         self.output_dir = Path(cfg.output_dir)
         self.ckpt_dir = self.output_dir / "checkpoints"
 
@@ -158,19 +143,102 @@ class BaseTrainer:
         torch.manual_seed(cfg.seed)
         # frozen weights in the mixed-precision dtype (half the memory); trained ones stay float32 below
         weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.mixed_precision]
-        with ds.plain_init() if self.zero == 3 else contextlib.nullcontext():  # (only the denoiser is partitioned)
+        with par.build_context():  # (ZeRO-3: only the denoiser is partitioned)
             self.pipe = (pipeline if pipeline is not None
                          else load_pipeline(cfg.pretrained, seed=cfg.seed, dtype=weight_dtype))
         self.pipe.to(self.device)
         if hasattr(self.pipe, "set_progress_bar_config"):
             self.pipe.set_progress_bar_config(disable=True)
         self.denoiser_name = _denoiser_name(self.pipe)
+        raw = self._trained_model()
+        self.optimizer = torch.optim.AdamW(list(self.trainable.values()), lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                                           weight_decay=cfg.adam_weight_decay, eps=cfg.adam_eps)
+        self.model, self.optimizer = par.prepare(raw, self.optimizer, cfg)
+        self.raw_model = raw
+        # FSDP2 replaced the parameters (same names) by DTensor shards, in the optimizer too
+        self.trainable = {n: p for n, p in raw.named_parameters() if p.requires_grad}
+        self.reference = par.prepare_reference(self.reference)
+        # stepped after each applied optimizer step (so its step count is global_step); the decay's
+        # horizon is config.epochs: a run resumed with more epochs stretches the rest of the decay
+        self.total_optimizer_steps = cfg.epochs * self._optimizer_steps_per_epoch(self.rank)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            torch_optimizer(self.optimizer),
+            lr_factor(cfg.lr_scheduler, cfg.lr_warmup_steps, self.total_optimizer_steps))
+        if self.model is not raw and isinstance(self.reference, str):
+            # wrapped (DDP, DeepSpeed): the sampler cannot switch the wrapper's adapters off; a module that runs
+            # the raw model with its adapters off is the same reference policy
+            self.reference = _AdaptersOff(raw)
+        # EMA of the trained weights (float32 copies), updated after every optimizer step; under ZeRO-3 of
+        # this rank's partitions, under FSDP of its shards
+        self.ema = ({n: par.local(p).detach().float().clone() for n, p in self.trainable.items()}
+                    if cfg.ema_decay > 0 else None)
+        self.reward_fn = reward if reward is not None else self._build_reward()
+        self.sampler = self.make_sampler(self.pipe)
+        self.objective = self.objective_class(self)
+        self.data = self.data_source_class(self)
+
+        self.epoch = 0            # completed epochs
+        self.global_step = 0      # optimizer steps
+        self.nonfinite_streak = 0
+        self.history: list[dict] = []
+        self.last_batch: dict | None = None
+        resumed_from = None
+        if resume:
+            ckpt = latest_checkpoint(self.ckpt_dir)
+            if ckpt is not None:
+                self.load_state(ckpt)
+                resumed_from = self.epoch
+        self.resumed_from = resumed_from
+        self.metrics = (MetricsLog(self.output_dir / "metrics.jsonl", resume_after_epoch=resumed_from)
+                        if acc.is_main_process else None)
+
+    def _accelerator(self, accelerator):
+        """``accelerator``, or one built from the config (CPU or the GPU, mixed precision, trackers)."""
+        if accelerator is not None:
+            return accelerator
+        cfg = self.config
+        from accelerate import Accelerator  # noqa: PLC0415
+        from accelerate.state import AcceleratorState  # noqa: PLC0415
+
+        cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+        # accelerate keeps one process-wide state and refuses a second Accelerator with other
+        # settings; a later trainer in the same process (tests, notebooks) re-creates it
+        shared = AcceleratorState._shared_state
+        if shared and (str(shared.get("_mixed_precision", cfg.mixed_precision)) != cfg.mixed_precision
+                       or (cpu and shared.get("device") is not None and shared["device"].type != "cpu")):
+            AcceleratorState._reset_state()
+        trackers = _available_trackers(cfg.log_with)
+        accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, log_with=trackers or None,
+                                  project_dir=str(cfg.output_dir))
+        if trackers:
+            accelerator.init_trackers("diffrl", config={k: v for k, v in config_to_dict(cfg).items()
+                                                        if isinstance(v, (int, float, str, bool))})
+        return accelerator
+
+    def _check_batch_split(self) -> None:
+        """The ranks must make the same collective calls: the same number of optimizer steps (every
+        gradient all-reduce), and under FSDP2 / ZeRO-3 the same number of model calls."""
+        cfg = self.config
+        if self.parallel.partitioned and cfg.prompts_per_epoch % self.world:
+            raise ValueError(f"under {self.parallel.name} prompts_per_epoch ({cfg.prompts_per_epoch}) "
+                             f"must be a multiple of the number of processes ({self.world})")
+        steps = {self._optimizer_steps_per_epoch(r) for r in range(self.world)}
+        if len(steps) > 1:  # DDP: every rank must join every gradient all-reduce, or the run hangs
+            raise ValueError(f"prompts_per_epoch={cfg.prompts_per_epoch} over {self.world} processes gives the ranks "
+                             f"different numbers of optimizer steps per epoch {sorted(steps)}; use a multiple of "
+                             f"{self.world}")
+
+    def _trained_model(self) -> torch.nn.Module:
+        """The pipeline's denoiser made trainable (LoRA adapters, or all of it), everything else frozen;
+        sets ``trainable`` and ``reference`` (the KL reference policy, when the objective needs one)."""
+        cfg = self.config
         # freeze every component (text encoders, VAE, the denoiser's base weights); only the
         # adapters (or, for full fine-tuning, the denoiser) are switched back on below
         for comp in self.pipe.components.values():
             if isinstance(comp, torch.nn.Module):
                 comp.requires_grad_(False)
         raw = getattr(self.pipe, self.denoiser_name)
+        needs_reference = self.objective_class.needs_reference(cfg)
         self.reference: Any = None
         if cfg.use_lora:
             from peft import LoraConfig  # noqa: PLC0415
@@ -178,12 +246,12 @@ class BaseTrainer:
             targets = list(cfg.lora_target_modules) or DEFAULT_LORA_TARGETS
             raw.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
                                        target_modules=targets))
-            if cfg.kl_coef > 0:
+            if needs_reference:
                 from diffrl.samplers import DISABLE_ADAPTERS  # noqa: PLC0415
 
                 self.reference = DISABLE_ADAPTERS  # the base weights are the reference policy
         else:
-            if cfg.kl_coef > 0:  # full fine-tuning: a frozen copy of the initial weights is the reference
+            if needs_reference:  # full fine-tuning: a frozen copy of the initial weights is the reference
                 # (under ZeRO-3 a whole copy on every process: only the trained model is partitioned)
                 self.reference = copy.deepcopy(raw).requires_grad_(False).eval()
             raw.requires_grad_(True)
@@ -200,50 +268,7 @@ class BaseTrainer:
         if not self.trainable:
             raise ValueError("nothing to train: no LoRA target module matched "
                              f"{list(cfg.lora_target_modules) or DEFAULT_LORA_TARGETS} in the {self.denoiser_name}")
-        self.optimizer = torch.optim.AdamW(list(self.trainable.values()), lr=cfg.lr, betas=tuple(cfg.adam_betas),
-                                           weight_decay=cfg.adam_weight_decay, eps=cfg.adam_eps)
-        if self.zero:
-            ds.configure(acc, cfg)  # clipping and batch entries of the DeepSpeed config, from this config
-        self.model, self.optimizer = acc.prepare(raw, self.optimizer)
-        self.raw_model = raw
-        if self.fsdp:
-            # fully_shard replaced the parameters (same names) by DTensor shards, in the optimizer too
-            self.trainable = {n: p for n, p in raw.named_parameters() if p.requires_grad}
-            if isinstance(self.reference, torch.nn.Module):  # the frozen copy is sharded like the model
-                from accelerate.utils import fsdp2_prepare_model  # noqa: PLC0415
-
-                self.reference = fsdp2_prepare_model(acc, self.reference)
-        # stepped after each applied optimizer step (so its step count is global_step); the decay's
-        # horizon is config.epochs: a run resumed with more epochs stretches the rest of the decay
-        self.total_optimizer_steps = cfg.epochs * self._optimizer_steps_per_epoch(self.rank)
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            ds.torch_optimizer(self.optimizer),  # the torch optimizer inside accelerate's (and DeepSpeed's) wrapper
-            lr_factor(cfg.lr_scheduler, cfg.lr_warmup_steps, self.total_optimizer_steps))
-        if self.model is not raw and isinstance(self.reference, str):
-            # wrapped (DDP, DeepSpeed): the sampler cannot switch the wrapper's adapters off; a module that runs
-            # the raw model with its adapters off is the same reference policy
-            self.reference = _AdaptersOff(raw)
-        # EMA of the trained weights (float32 copies), updated after every optimizer step; under ZeRO-3 of
-        # this rank's partitions (ds.local), under FSDP of its shards
-        self.ema = ({n: ds.local(p).detach().float().clone() for n, p in self.trainable.items()}
-                    if cfg.ema_decay > 0 else None)
-        self.reward_fn = reward if reward is not None else self._build_reward()
-        self.sampler = self.make_sampler(self.pipe)
-
-        self.epoch = 0            # completed epochs
-        self.global_step = 0      # optimizer steps
-        self.nonfinite_streak = 0
-        self.history: list[dict] = []
-        self.last_batch: dict | None = None
-        resumed_from = None
-        if resume:
-            ckpt = latest_checkpoint(self.ckpt_dir)
-            if ckpt is not None:
-                self.load_state(ckpt)
-                resumed_from = self.epoch
-        self.resumed_from = resumed_from
-        self.metrics = (MetricsLog(self.output_dir / "metrics.jsonl", resume_after_epoch=resumed_from)
-                        if acc.is_main_process else None)
+        return raw
 
     # ---- hooks -------------------------------------------------------------------------------
 
@@ -300,111 +325,32 @@ class BaseTrainer:
             seed = (seed * 1_000_003 + int(k)) % (2**63 - 1)
         return torch.Generator().manual_seed(seed)
 
-    def epoch_prompts(self, epoch: int) -> tuple[list[str], list[int]]:
-        """This rank's prompts of ``epoch`` and their group ids (positions in the epoch's global draw,
-        the same on every rank: a group never spans ranks, each rank samples its share)."""
-        n = self.config.prompts_per_epoch
-        draw = torch.randint(len(self.prompts), (n,), generator=self._generator(epoch, 0)).tolist()
-        mine = list(range(self.rank, n, self.world))
-        return [self.prompts[draw[i]] for i in mine], mine
-
-    def sample_epoch(self, epoch: int):
-        from diffrl.samplers import Rollout  # noqa: PLC0415
-
-        cfg = self.config
-        prompts, gids = self.epoch_prompts(epoch)
-        if not prompts:
-            raise ValueError(f"prompts_per_epoch={cfg.prompts_per_epoch} gives rank {self.rank} of {self.world} "
-                             "no prompts; use at least one prompt per process")
-        per_call = max(1, cfg.sample_batch_size // cfg.group_size)
-        parts = []
-        for c, i in enumerate(range(0, len(prompts), per_call)):
-            gen = self._generator(epoch, 1, self.rank, c)
-            with torch.no_grad(), self.accelerator.autocast():
-                parts.append(self.sampler.sample(
-                    prompts[i:i + per_call], num_images_per_prompt=cfg.group_size,
-                    num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                    height=cfg.resolution, width=cfg.resolution, generator=gen, group_ids=gids[i:i + per_call],
-                    same_initial_noise=cfg.same_initial_noise, keep_final_latents=self.keep_final_latents))
-        return Rollout.cat(parts)
-
-    def score_rewards(self, rollout) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            out = self.reward_fn(rollout.images, rollout.prompts)
-        if not isinstance(out, dict) or "reward" not in out:
-            raise TypeError("a reward must return a dict with a 'reward' entry")
-        return {k: v.detach().float().reshape(len(rollout), -1).mean(1) if isinstance(v, torch.Tensor) else v
-                for k, v in out.items()}
-
-    # ---- the loss: PPO on the recorded steps' log-probs (GRPO, DDPO); NFTTrainer overrides these four
-
-    def prepare_training(self, epoch: int, rollout, advantages: torch.Tensor) -> dict:
-        """What the epoch's loss needs, computed once before its first update."""
-        cfg = self.config
-        S = rollout.num_steps
-        if S == 0:
-            raise ValueError("the sampler recorded no stochastic step (noise_level / eta 0, or an sde_window of "
-                             "deterministic steps): there is no log-prob to train on")
-        old = rollout.log_probs.detach()
-        return {"old": old, "adv": advantages.to(old.device).float(), "S": S,
-                "n_steps": max(1, int(S * cfg.timestep_fraction)), "gen": self._generator(epoch, 2, self.rank)}
-
-    def inner_epoch_order(self, state: dict, inner: int) -> torch.Tensor:
-        """The order of the samples in inner epoch ``inner`` (cut into minibatches of train_batch_size)."""
-        B = len(state["old"])
-        perm = torch.randperm(B, generator=state["gen"])
-        # each sample trains on its own random subset of the recorded steps (as DDPO)
-        state["step_order"] = torch.stack([torch.randperm(state["S"], generator=state["gen"])
-                                           for _ in range(B)])[:, :state["n_steps"]]
-        return perm
-
-    def terms_per_minibatch(self, state: dict) -> int:
-        """Backward passes per minibatch (PPO: one per trained step); the step's gradient is their mean."""
-        return state["n_steps"]
-
-    def minibatch_loss(self, state: dict, sub, idx: torch.Tensor, term: int):
-        """``(loss, stats)`` of term ``term`` of the minibatch ``sub`` (= rollout[idx])."""
-        from diffrl.ops import grpo_loss  # noqa: PLC0415
-
-        cfg = self.config
-        old, adv = state["old"], state["adv"]
-        steps = state["step_order"][idx, term]
-        out = self.sampler.score(sub, steps, transformer_or_unet=self.model, reference=self.reference)
-        return grpo_loss(out.log_prob.float(), old[idx.to(old.device), steps.to(old.device)],
-                         adv[idx.to(adv.device)], clip_range=cfg.clip_range,
-                         kl=None if out.kl is None else out.kl.float(), kl_coef=cfg.kl_coef)
-
-    def train_epoch(self, epoch: int, rollout, advantages: torch.Tensor) -> dict[str, float]:
-        """Inner epochs of minibatch updates over the rollout (the loss from the hooks above); returns
+    def train_epoch(self, epoch: int, batch, advantages: torch.Tensor) -> dict[str, float]:
+        """Inner epochs of minibatch updates over the batch (the loss: ``self.objective``); returns
         the mean stats, the number of applied and skipped (non-finite) optimizer steps."""
-        cfg = self.config
-        state = self.prepare_training(epoch, rollout, advantages)
-        n_terms = self.terms_per_minibatch(state)
+        cfg, obj, par = self.config, self.objective, self.parallel
+        state = obj.prepare(epoch, batch, advantages)
+        n_terms = obj.terms(state)
         sums: dict[str, float] = {}
         count = 0
         nonfinite = 0
         micro = 0  # minibatches accumulated into the pending optimizer step
         bad_pending = False
         for inner in range(cfg.inner_epochs):
-            batches = self.inner_epoch_order(state, inner).split(cfg.train_batch_size)
+            batches = obj.order(state, inner).split(cfg.train_batch_size)
             for b, idx in enumerate(batches):
-                sub = rollout[idx]
+                sub = batch[idx]
                 last_micro = (micro + 1 == cfg.gradient_accumulation_steps) or b == len(batches) - 1
                 # minibatches of this optimizer step: the step's gradient is their mean, also for a
                 # last group shorter than gradient_accumulation_steps (not down-weighted)
                 group = min(cfg.gradient_accumulation_steps, len(batches) - (b - micro))
                 for j in range(n_terms):
-                    sync = last_micro and j == n_terms - 1
-                    no_sync = not sync and not self.zero  # (DeepSpeed: the boundary flag of ds.backward)
-                    ctx = self.accelerator.no_sync(self.model) if no_sync else contextlib.nullcontext()
-                    with ctx, self.accelerator.autocast():
-                        loss, stats = self.minibatch_loss(state, sub, idx, j)
+                    sync = last_micro and j == n_terms - 1  # the last pass of the optimizer step
+                    with par.accumulating(self.model, sync), self.accelerator.autocast():
+                        loss, stats = obj.loss(state, sub, idx, j)
                     # backward even when non-finite: under DDP every rank must join the gradient
                     # all-reduce; the update is skipped below on every rank alike
-                    if self.zero:
-                        ds.backward(self.model, loss / (n_terms * group), boundary=sync, finite=_finite(loss))
-                    else:
-                        self.accelerator.backward(loss / (n_terms * group))
+                    par.backward(self.model, loss / (n_terms * group), sync=sync, finite=_finite(loss))
                     if not _finite(loss):
                         bad_pending = True
                         continue
@@ -414,17 +360,8 @@ class BaseTrainer:
                     count += 1
                 micro += 1
                 if last_micro:
-                    if self.zero:  # the engine clips and steps, or skips a non-finite step on every rank
-                        applied, grad_norm = ds.step(self.model)
-                        bad_pending = not applied
-                    else:
-                        params = list(self.trainable.values())
-                        grad_norm = (clip_grad_norm(self.accelerator, params, cfg.max_grad_norm) if self.fsdp else
-                                     self.accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
-                        bad_pending = bad_pending or (grad_norm is not None and not math.isfinite(float(grad_norm)))
-                        if self.world > 1:  # skip on every rank or on none, or the replicas drift apart
-                            flag = torch.tensor([float(bad_pending)], device=self.device)
-                            bad_pending = bool(self.accelerator.reduce(flag, "sum").item() > 0)
+                    bad_pending, grad_norm = par.step(self.model, list(self.trainable.values()), cfg.max_grad_norm,
+                                                      bad_pending)
                     if bad_pending:  # skip the update: the weights stay those of the last good step
                         nonfinite += 1
                     else:
@@ -450,7 +387,7 @@ class BaseTrainer:
             return
         d = self.config.ema_decay
         for n, p in self.trainable.items():
-            self.ema[n].mul_(d).add_(ds.local(p).detach().float(), alpha=1 - d)
+            self.ema[n].mul_(d).add_(self.parallel.local(p).detach().float(), alpha=1 - d)
 
     @contextlib.contextmanager
     def ema_weights(self):
@@ -458,65 +395,48 @@ class BaseTrainer:
         (evaluation, export); the trained weights are put back after it. Needs ``ema_decay > 0``."""
         if self.ema is None:
             raise ValueError("ema_weights() needs a run with ema_decay > 0")
-        saved = {n: ds.local(p).detach().clone() for n, p in self.trainable.items()}
+        local = self.parallel.local
+        saved = {n: local(p).detach().clone() for n, p in self.trainable.items()}
         try:
             self._reshard()
             with torch.no_grad():
                 for n, p in self.trainable.items():
-                    ds.local(p).copy_(self.ema[n].to(p.dtype))
+                    local(p).copy_(self.ema[n].to(p.dtype))
             yield self
         finally:
             self._reshard()
             with torch.no_grad():
                 for n, p in self.trainable.items():
-                    ds.local(p).copy_(saved[n])
+                    local(p).copy_(saved[n])
 
     def _reshard(self) -> None:
-        """Under FSDP / ZeRO-3, before the shards (partitions) of the trained model are written in place:
-        the next forward must gather them again, not reuse the parameters a forward left gathered."""
-        if self.fsdp:
-            reshard(self.raw_model)
-        elif self.zero == 3:
-            ds.release(self.raw_model)
+        """Before this rank's parts of the trained model are written in place (EMA swap, resume)."""
+        self.parallel.reshard(self.raw_model)
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
-        """Epoch ``epoch`` (1-based): sample, reward, advantages, PPO; returns its metrics record."""
-        from diffrl.distributed import gather_rewards  # noqa: PLC0415
-
+        """Epoch ``epoch`` (1-based): the data source's batch and advantages, then the objective's updates;
+        returns its metrics record."""
         t0 = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        rollout = self.sample_epoch(epoch)
+        lr = self.lr_scheduler.get_last_lr()[0]  # of the epoch's first step
+        data = self.data.collect(epoch)
         t1 = time.perf_counter()
-        heads = self.score_rewards(rollout)
-        rewards = heads["reward"].to(self.device)
-        t2 = time.perf_counter()
-        all_rewards, _, _, _ = gather_rewards(rewards, rollout.group_ids.to(self.device))
-        rec: dict[str, Any] = {"epoch": epoch, "lr": self.lr_scheduler.get_last_lr()[0],  # of its first step
-                               "reward_mean": float(all_rewards.mean()),
-                               "reward_std": float(all_rewards.std(unbiased=False)) if all_rewards.numel() else 0.0}
-        for k, v in heads.items():  # every head's mean over all ranks (one gather per head)
-            if k != "reward" and isinstance(v, torch.Tensor):
-                gathered = gather_rewards(v.to(self.device), rollout.group_ids.to(self.device))[0]
-                rec[f"reward/{k}"] = float(gathered.mean())
-        finite_rewards = _finite(all_rewards)
-        if finite_rewards:
-            adv = self.compute_advantages(rewards, rollout.group_ids.to(self.device), rollout.prompts)
-            # this rank's batch of the last epoch, for inspection and the multi-process tests
-            self.last_batch = {"rewards": rewards.detach().cpu(), "group_ids": rollout.group_ids.cpu(),
-                               "advantages": adv.detach().cpu(), "prompts": list(rollout.prompts)}
-            all_adv = gather_rewards(adv.float(), rollout.group_ids.to(self.device))[0]  # stats of the global batch
-            rec.update(adv_mean=float(all_adv.mean()), adv_std=float(all_adv.std(unbiased=False)),
-                       adv_min=float(all_adv.min()), adv_max=float(all_adv.max()))
-            rec.update(self.train_epoch(epoch, rollout, adv))
-        else:  # no update from this batch: advantages of non-finite rewards mean nothing
+        timing = {k: data.record.pop(k) for k in ("time_sample", "time_reward", "samples") if k in data.record}
+        rec: dict[str, Any] = {"epoch": epoch, "lr": lr, **data.record}
+        if data.advantages is not None:
+            rec.update(self.train_epoch(epoch, data.batch, data.advantages))
+        else:  # no update from this batch (e.g. non-finite rewards: their advantages mean nothing)
             rec["skipped_updates"] = 1
             rec["optimizer_steps"] = 0
-        t3 = time.perf_counter()
-        rec["nonfinite"] = (not finite_rewards) or rec.get("skipped_updates", 0) > 0 or \
+        t2 = time.perf_counter()
+        rec["nonfinite"] = data.advantages is None or rec.get("skipped_updates", 0) > 0 or \
             not math.isfinite(rec.get("loss", 0.0))
-        rec.update(global_step=self.global_step, time_sample=t1 - t0, time_reward=t2 - t1, time_train=t3 - t2,
-                   time_epoch=t3 - t0, peak_memory_mb=_peak_memory_mb(self.device), samples=len(all_rewards))
+        samples = timing.pop("samples", None)
+        rec.update(global_step=self.global_step, **timing, time_train=t2 - t1, time_epoch=t2 - t0,
+                   peak_memory_mb=_peak_memory_mb(self.device))
+        if samples is not None:
+            rec["samples"] = samples
         return rec
 
     # ---- the run --------------------------------------------------------------------------------
@@ -528,16 +448,7 @@ class BaseTrainer:
         total = cfg.epochs if epochs is None else epochs
         budget = cfg.max_minutes * 60 if cfg.max_minutes > 0 else None
         t_start = time.perf_counter()
-        bar = None
-        if self.progress and self.accelerator.is_main_process:
-            from tqdm.auto import tqdm  # noqa: PLC0415
-
-            if budget is None:
-                bar = tqdm(total=total, initial=min(self.epoch, total), desc=f"{self.kind or 'train'} epochs",
-                           dynamic_ncols=True)
-            else:  # a time budget: the bar counts seconds, to the budget or to the expected end of the epochs
-                bar = tqdm(total=round(budget), desc=f"{self.kind or 'train'} (<= {budget / 60:g} min)", unit="s",
-                           dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s{postfix}")
+        bar = self._progress_bar(total, budget)
         records = []
         try:
             while self.epoch < total:
@@ -557,10 +468,9 @@ class BaseTrainer:
                 if bar is not None:
                     if budget is None:
                         bar.update(1)
-                    else:
+                    else:  # seconds, to the budget or to the expected end of the epochs
                         elapsed = time.perf_counter() - t_start
-                        expected = elapsed + elapsed / len(records) * (total - self.epoch)
-                        bar.total = min(budget, expected)
+                        bar.total = min(budget, elapsed + elapsed / len(records) * (total - self.epoch))
                         bar.update(min(bar.total, elapsed) - bar.n)
                     bar.set_postfix(epoch=epoch, reward=f"{rec['reward_mean']:.4g}",
                                     loss=f"{rec.get('loss', float('nan')):.3g}")
@@ -581,6 +491,19 @@ class BaseTrainer:
                 bar.close()
         return records
 
+    def _progress_bar(self, total: int, budget: float | None):
+        """A tqdm bar on the main process (None elsewhere, or without ``progress``): epochs, or with a time
+        budget seconds (to the budget or to the expected end of the epochs)."""
+        if not (self.progress and self.accelerator.is_main_process):
+            return None
+        from tqdm.auto import tqdm  # noqa: PLC0415
+
+        name = self.kind or "train"
+        if budget is None:
+            return tqdm(total=total, initial=min(self.epoch, total), desc=f"{name} epochs", dynamic_ncols=True)
+        return tqdm(total=round(budget), desc=f"{name} (<= {budget / 60:g} min)", unit="s", dynamic_ncols=True,
+                    bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s{postfix}")
+
     # ---- state -----------------------------------------------------------------------------------
 
     def trained_weights(self) -> dict[str, torch.Tensor]:
@@ -589,39 +512,16 @@ class BaseTrainer:
         Under FSDP / ZeRO-3 they are gathered from the shards, a collective that every rank must join;
         the main process gets the full tensors (on the CPU), the other ranks an empty dict."""
         src = self.trainable if self.config.use_lora else self.raw_model.state_dict(keep_vars=True)
-        return self._unsharded(src)
-
-    def _unsharded(self, tensors: dict[str, torch.Tensor], params=None) -> dict[str, torch.Tensor]:
-        """``tensors`` whole (see trained_weights). ``params``: under ZeRO-3, the parameters whose
-        partitions ``tensors`` are (the EMA); otherwise ZeRO-3 parameters are gathered from their own."""
-        if not self.partitioned:
-            return {n: t.detach() for n, t in tensors.items()}
-        keep = self.accelerator.is_main_process
-        out = {}
-        for n, t in tensors.items():  # one tensor at a time: never the whole model gathered on a device
-            if self.fsdp:
-                full = full_tensor(t.detach())
-            elif params is not None:
-                full = ds.gather(params[n], t)
-            else:
-                full = ds.gather(t) if ds.partitioned(t) else t.detach()  # (buffers are whole)
-            if keep:
-                out[n] = full.cpu()
-        return out
+        return self.parallel.whole(src)
 
     def save_state(self) -> Path | None:
         self.accelerator.wait_for_everyone()
         path = None
         main = self.accelerator.is_main_process
-        if main or self.fsdp or self.zero:  # under FSDP / ZeRO every rank joins the gathers
+        if main or self.parallel.collective_checkpoint:  # (FSDP / ZeRO: every rank joins the gathers)
             weights = self.trained_weights()
-            if self.zero:
-                optimizer = ds.full_optimizer_state(self.optimizer, list(self.trainable.values()), keep=main)
-            elif self.fsdp:
-                optimizer = full_optimizer_state(self.optimizer, keep=main)
-            else:
-                optimizer = self.optimizer.state_dict()
-            ema = self._unsharded(self.ema, params=self.trainable) if self.ema is not None else None
+            optimizer = self.parallel.optimizer_state(self.optimizer, list(self.trainable.values()))
+            ema = self.parallel.whole(self.ema, params=self.trainable) if self.ema is not None else None
         if main:
             states = {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler.state_dict(), **self.extra_state()}
             if ema is not None:
@@ -646,16 +546,9 @@ class BaseTrainer:
         if missing or extra:
             raise ValueError(f"{path}: checkpoint weights do not match the model (missing {sorted(missing)[:3]}, "
                              f"unexpected {sorted(extra)[:3]}); was it written with another lora_rank / targets?")
-        opt_state = ck["states"]["optimizer"]
-        if self.zero:  # the parameters (ZeRO-3: partitions), ZeRO's float32 master weights and flat moments
-            ds.load_weights(target, ck["weights"])
-            ds.load_optimizer_state(self.optimizer, list(self.trainable.values()), opt_state)
-        else:
-            with torch.no_grad():
-                for n, t in target.items():  # (under FSDP: this rank's shard of the full tensor)
-                    t.copy_(shard_like(ck["weights"][n].to(t.device, t.dtype), t))
-            self.optimizer.load_state_dict(sharded_optimizer_state(self.optimizer, opt_state) if self.fsdp
-                                           else opt_state)
+        # this rank's parts of the whole tensors (FSDP: shards; ZeRO: partitions and its float32 master copy)
+        self.parallel.load_weights(target, ck["weights"])
+        self.parallel.load_optimizer_state(self.optimizer, list(self.trainable.values()), ck["states"]["optimizer"])
         if "lr_scheduler" in ck["states"]:
             self.lr_scheduler.load_state_dict(ck["states"]["lr_scheduler"])
         elif self.config.lr_scheduler != "constant" or self.config.lr_warmup_steps:
@@ -668,7 +561,7 @@ class BaseTrainer:
                 raise ValueError(f"{path}: config has ema_decay > 0 but the checkpoint has no EMA weights")
             for n, t in ck["states"]["ema"].items():
                 p = self.trainable[n]
-                self.ema[n].copy_(ds.cut(t, p, self.ema[n]) if ds.partitioned(p) else shard_like(t, self.ema[n]))
+                self.ema[n].copy_(self.parallel.cut(t, p, self.ema[n]))
         self.epoch = int(meta["epoch"])
         self.global_step = int(meta.get("global_step", 0))
         self.nonfinite_streak = int(meta.get("nonfinite_streak", 0))
@@ -677,7 +570,7 @@ class BaseTrainer:
 
     def save_grid(self, epoch: int) -> Path | None:
         """One image per eval prompt, same noise every time, as ``<output_dir>/grids/epoch-NNNNNN.png``."""
-        if not self.accelerator.is_main_process and not self.partitioned:  # (FSDP, ZeRO-3: every rank joins)
+        if not self.accelerator.is_main_process and not self.parallel.partitioned:  # (FSDP, ZeRO-3: all ranks join)
             return None
         from PIL import Image  # noqa: PLC0415
 

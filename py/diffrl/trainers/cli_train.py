@@ -1,7 +1,7 @@
 """``diffrl train (--config FILE | --preset NAME) [--epochs N] [--output-dir DIR] [--resume] [--key value ...]``.
 
-The trainer kind comes from the preset, or from a ``trainer: grpo|nft|ddpo`` key of the config file, or
-``--trainer``. Precedence: config defaults < preset < config file < ``--key value`` overrides <
+The trainer kind (``diffrl.trainers.kinds``: grpo, nft, ddpo) comes from the preset, or from a ``trainer:``
+key of the config file, or ``--trainer``. Precedence: config defaults < preset < config file < ``--key value`` overrides <
 ``--epochs`` / ``--output-dir``.
 """
 
@@ -12,12 +12,14 @@ from pathlib import Path
 
 __all__ = ["add_train_parser", "cmd_train", "build_trainer_from_args"]
 
-TRAINERS = ("grpo", "nft", "ddpo")  # the keys of diffrl.trainers.TRAINER_CLASSES (no torch import to build the parser)
+from diffrl.trainers.kinds import KINDS, get_kind  # (no torch import: the parser is built from it)
+
+TRAINERS = tuple(KINDS)
 
 
 def add_train_parser(sub) -> None:
     p = sub.add_parser("train", allow_abbrev=False,
-                       help="train with GRPO, NFT or DDPO (a config file or a preset, plus overrides)",
+                       help=f"train ({', '.join(KINDS)}; a config file or a preset, plus overrides)",
                        description=__doc__.split("\n\n", 1)[1] if "\n\n" in __doc__ else None)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", help="YAML config file")
@@ -31,7 +33,6 @@ def add_train_parser(sub) -> None:
 
 
 def build_trainer_from_args(args, overrides, *, pipeline=None, reward=None):
-    from diffrl.trainers import TRAINER_CLASSES  # noqa: PLC0415
     from diffrl.trainers.config import load_config  # noqa: PLC0415
     from diffrl.trainers.presets import get_preset  # noqa: PLC0415
 
@@ -49,10 +50,8 @@ def build_trainer_from_args(args, overrides, *, pipeline=None, reward=None):
             raise ValueError(f"{path}: a config file is a YAML mapping of keys to values")
         kind = loaded.pop("trainer", kind)
         base.update(loaded)
-    kind = args.trainer or kind or "grpo"
-    if kind not in TRAINERS:
-        raise ValueError(f"trainer must be one of {TRAINERS}, got {kind!r}")
-    cls, trainer_cls = TRAINER_CLASSES[kind]
+    spec = get_kind(args.trainer or kind or "grpo")
+    cls, trainer_cls = spec.config, spec.trainer
     overrides = list(overrides)
     if args.epochs is not None:
         overrides += ["--epochs", str(args.epochs)]

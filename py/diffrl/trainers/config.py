@@ -19,6 +19,11 @@ from typing import Any
 __all__ = ["TrainConfig", "GRPOConfig", "NFTConfig", "DDPOConfig", "load_config", "apply_overrides", "config_to_dict"]
 
 
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"config: {msg}")
+
+
 @dataclass
 class TrainConfig:
     """Fields shared by every trainer."""
@@ -75,6 +80,38 @@ class TrainConfig:
     log_with: list[str] = field(default_factory=list)  # tensorboard, wandb (when installed)
     device: str = "auto"                 # auto | cpu | cuda
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a ValueError naming the first key with a bad value (each config class checks its own keys)."""
+        _need(self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}")
+        _need(self.group_size >= 2,
+              f"group_size must be >= 2 (advantages compare images of a prompt), got {self.group_size}")
+        _need(self.prompts_per_epoch >= 1, "prompts_per_epoch must be >= 1")
+        _need(self.num_inference_steps >= 1, "num_inference_steps must be >= 1")
+        _need(0 < self.timestep_fraction <= 1, f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+        _need(self.train_batch_size >= 1 and self.sample_batch_size >= 1, "batch sizes must be >= 1")
+        _need(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1")
+        _need(self.inner_epochs >= 1, f"inner_epochs must be >= 1, got {self.inner_epochs}")
+        _need(self.lr_scheduler in ("constant", "linear", "cosine"),
+              f"lr_scheduler must be constant, linear or cosine, got {self.lr_scheduler!r}")
+        _need(self.lr_warmup_steps >= 0, f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
+        _need(self.clip_range > 0, "clip_range must be > 0")
+        _need(self.kl_coef >= 0, "kl_coef must be >= 0")
+        _need(self.adv_std in ("group", "global", "none"),
+              f"adv_std must be group, global or none, got {self.adv_std!r}")
+        _need(self.mixed_precision in ("no", "fp16", "bf16"),
+              f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        _need(0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)")
+        _need(self.keep_last >= 1, "keep_last must be >= 1")
+        _need(self.max_nonfinite >= 1, "max_nonfinite must be >= 1")
+        _need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+              f"unknown device {self.device!r}")
+        _need(len(self.reward) >= 1, "reward must name at least one reward")
+        _need(all(n in ("tensorboard", "wandb") for n in self.log_with),
+              f"log_with entries must be tensorboard or wandb, got {list(self.log_with)}")
+
 
 @dataclass
 class GRPOConfig(TrainConfig):
@@ -83,6 +120,16 @@ class GRPOConfig(TrainConfig):
     noise_level: float = 0.7
     sde_type: str = "sde"                # sde | cps
     sde_window: list[int] = field(default_factory=list)  # [start, end) of stochastic steps; empty: all
+
+    def validate(self) -> None:
+        super().validate()
+        _need(self.sde_type in ("sde", "cps"), f"sde_type must be sde or cps, got {self.sde_type!r}")
+        _need(self.noise_level >= 0, "noise_level must be >= 0")
+        _need(len(self.sde_window) in (0, 2), f"sde_window must be [start, end] or empty, got {self.sde_window}")
+        if self.sde_window:
+            a, b = self.sde_window
+            _need(0 <= a < b <= self.num_inference_steps,
+                  f"sde_window {self.sde_window} must satisfy 0 <= start < end <= num_inference_steps")
 
 
 @dataclass
@@ -100,6 +147,14 @@ class NFTConfig(GRPOConfig):
     nft_group_noise: bool = False        # one noise level and draw per group (common random numbers: the
                                          # group's advantage-weighted sum then cancels the noise's part)
 
+    def validate(self) -> None:
+        super().validate()
+        _need(self.nft_beta > 0, f"nft_beta must be > 0, got {self.nft_beta}")
+        _need(self.nft_adv_scale > 0, f"nft_adv_scale must be > 0, got {self.nft_adv_scale}")
+        _need(0.0 <= self.nft_negative_weight <= 1.0,
+              f"nft_negative_weight must be in [0, 1], got {self.nft_negative_weight}")
+        _need(self.kl_coef == 0, "kl_coef is not supported by the nft trainer (nft_beta bounds each update instead)")
+
 
 @dataclass
 class DDPOConfig(TrainConfig):
@@ -110,6 +165,10 @@ class DDPOConfig(TrainConfig):
     tracker_buffer_size: int = 16
     tracker_min_count: int = 16
     clip_range: float = 1e-4
+
+    def validate(self) -> None:
+        super().validate()
+        _need(self.eta >= 0, "eta must be >= 0")
 
 
 def config_to_dict(cfg) -> dict[str, Any]:
@@ -232,55 +291,7 @@ def _build(cls, data: dict, types: dict):
         if key not in types:
             raise _unknown(key, types)
     values = {k: _coerce(k, v, types[k]) for k, v in data.items()}
-    cfg = cls(**values)
-    _check(cfg)
-    return cfg
-
-
-def _check(cfg) -> None:
-    def need(cond, msg):
-        if not cond:
-            raise ValueError(f"config: {msg}")
-
-    need(cfg.epochs >= 0, f"epochs must be >= 0, got {cfg.epochs}")
-    need(cfg.group_size >= 2, f"group_size must be >= 2 (advantages compare images of a prompt), got {cfg.group_size}")
-    need(cfg.prompts_per_epoch >= 1, "prompts_per_epoch must be >= 1")
-    need(cfg.num_inference_steps >= 1, "num_inference_steps must be >= 1")
-    need(0 < cfg.timestep_fraction <= 1, f"timestep_fraction must be in (0, 1], got {cfg.timestep_fraction}")
-    need(cfg.train_batch_size >= 1 and cfg.sample_batch_size >= 1, "batch sizes must be >= 1")
-    need(cfg.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1")
-    need(cfg.inner_epochs >= 1, f"inner_epochs must be >= 1, got {cfg.inner_epochs}")
-    need(cfg.lr_scheduler in ("constant", "linear", "cosine"),
-         f"lr_scheduler must be constant, linear or cosine, got {cfg.lr_scheduler!r}")
-    need(cfg.lr_warmup_steps >= 0, f"lr_warmup_steps must be >= 0, got {cfg.lr_warmup_steps}")
-    need(cfg.clip_range > 0, "clip_range must be > 0")
-    need(cfg.kl_coef >= 0, "kl_coef must be >= 0")
-    need(cfg.adv_std in ("group", "global", "none"), f"adv_std must be group, global or none, got {cfg.adv_std!r}")
-    need(cfg.mixed_precision in ("no", "fp16", "bf16"),
-         f"mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
-    need(0 <= cfg.ema_decay < 1, "ema_decay must be in [0, 1)")
-    need(cfg.keep_last >= 1, "keep_last must be >= 1")
-    need(cfg.max_nonfinite >= 1, "max_nonfinite must be >= 1")
-    need(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), f"unknown device {cfg.device!r}")
-    need(len(cfg.reward) >= 1, "reward must name at least one reward")
-    need(all(n in ("tensorboard", "wandb") for n in cfg.log_with),
-         f"log_with entries must be tensorboard or wandb, got {list(cfg.log_with)}")
-    if isinstance(cfg, GRPOConfig):
-        need(cfg.sde_type in ("sde", "cps"), f"sde_type must be sde or cps, got {cfg.sde_type!r}")
-        need(cfg.noise_level >= 0, "noise_level must be >= 0")
-        need(len(cfg.sde_window) in (0, 2), f"sde_window must be [start, end] or empty, got {cfg.sde_window}")
-        if cfg.sde_window:
-            a, b = cfg.sde_window
-            need(0 <= a < b <= cfg.num_inference_steps,
-                 f"sde_window {cfg.sde_window} must satisfy 0 <= start < end <= num_inference_steps")
-    if isinstance(cfg, NFTConfig):
-        need(cfg.nft_beta > 0, f"nft_beta must be > 0, got {cfg.nft_beta}")
-        need(cfg.nft_adv_scale > 0, f"nft_adv_scale must be > 0, got {cfg.nft_adv_scale}")
-        need(0.0 <= cfg.nft_negative_weight <= 1.0,
-             f"nft_negative_weight must be in [0, 1], got {cfg.nft_negative_weight}")
-        need(cfg.kl_coef == 0, "kl_coef is not supported by the nft trainer (nft_beta bounds each update instead)")
-    if isinstance(cfg, DDPOConfig):
-        need(cfg.eta >= 0, "eta must be >= 0")
+    return cls(**values)  # (validated by __post_init__)
 
 
 def load_config(cls, path: str | Path | None = None, *, base=None, overrides=()) -> Any:

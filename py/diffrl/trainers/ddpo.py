@@ -10,14 +10,12 @@ from __future__ import annotations
 import torch
 
 from diffrl.trainers.base import BaseTrainer
-from diffrl.trainers.config import DDPOConfig
 
 __all__ = ["DDPOTrainer"]
 
 
 class DDPOTrainer(BaseTrainer):
-    config_class = DDPOConfig
-    kind = "ddpo"
+    """Rollouts of ``DDIMSampler``, tracker advantages, the PPO objective (kind ``ddpo``, diffrl.trainers.kinds)."""
 
     def __init__(self, config, **kwargs):
         from diffrl import PerPromptStatTracker  # noqa: PLC0415

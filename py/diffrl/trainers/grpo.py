@@ -10,14 +10,12 @@ from __future__ import annotations
 import torch
 
 from diffrl.trainers.base import BaseTrainer
-from diffrl.trainers.config import GRPOConfig
 
 __all__ = ["GRPOTrainer"]
 
 
 class GRPOTrainer(BaseTrainer):
-    config_class = GRPOConfig
-    kind = "grpo"
+    """Rollouts of ``FlowSDESampler``, group advantages, the PPO objective (kind ``grpo``, diffrl.trainers.kinds)."""
 
     def make_sampler(self, pipe):
         from diffrl.samplers import FlowSDESampler  # noqa: PLC0415
