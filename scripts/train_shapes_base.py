@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -51,7 +52,8 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "py"))  # run from a checkout without installing
 
-from diffrl.models.shapes import near_miss_scene, parse_prompt, random_prompt, render_batch  # noqa: E402
+from diffrl.models.shapes import (COLORS, Scene, near_miss_scene, parse_prompt, random_prompt,  # noqa: E402
+                                  render_batch)
 from diffrl.models.shapes_eval import evaluate, heldout_prompts, save_grid  # noqa: E402
 from diffrl.models.shapes_model import build_pipeline  # noqa: E402
 from diffrl.rewards import ShapesReward  # noqa: E402
@@ -78,6 +80,10 @@ def parse_args(argv=None):
     p.add_argument("--caption-noise", type=float, default=0.0,
                    help="fraction of training images that show a near-miss of their caption's scene (one colour, "
                         "shape or count changed, or the relation reversed), as slightly wrong web captions do")
+    p.add_argument("--caption-swap", type=float, default=0.0,
+                   help="fraction of training images whose colours are all shifted by one fixed permutation of the "
+                        "colours (red drawn as the next colour, ...): a systematic caption error, a habit the model "
+                        "learns next to the skill")
     p.add_argument("--conv-channels", type=int, default=0, help="conv stem/head width (0: plain patchify)")
     p.add_argument("--text-layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
@@ -100,12 +106,23 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+_COLOUR_NAMES = list(COLORS)
+# each colour drawn as the next one in COLORS' order (a bijection: a scene's kinds stay distinct)
+COLOUR_SHIFT = {c: _COLOUR_NAMES[(i + 1) % len(_COLOUR_NAMES)] for i, c in enumerate(_COLOUR_NAMES)}
+
+
+def swapped_colours(scene):
+    """``scene`` with every object's colour replaced by its image under :data:`COLOUR_SHIFT`."""
+    return Scene(tuple(dataclasses.replace(o, colour=COLOUR_SHIFT[o.colour]) for o in scene.objects), scene.relation)
+
+
 class RenderedBatches(torch.utils.data.IterableDataset):
     """Endless (prompts, x0 in [-1, 1]) training batches; each worker renders its own disjoint seeds."""
 
-    def __init__(self, batch_size: int, seed: int, banned: set, size: int = 32, caption_noise: float = 0.0):
+    def __init__(self, batch_size: int, seed: int, banned: set, size: int = 32, caption_noise: float = 0.0,
+                 caption_swap: float = 0.0):
         self.batch_size, self.seed, self.banned = batch_size, seed, banned
-        self.size, self.caption_noise = size, caption_noise
+        self.size, self.caption_noise, self.caption_swap = size, caption_noise, caption_swap
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -122,6 +139,8 @@ class RenderedBatches(torch.utils.data.IterableDataset):
                     # caption noise: the image shows a scene one attribute away from its caption
                     noisy = self.caption_noise and rng.random() < self.caption_noise
                     shown = near_miss_scene(scene, rng) if noisy else scene
+                    if self.caption_swap and rng.random() < self.caption_swap:
+                        shown = swapped_colours(shown)
                     # a held-out scene must not be seen even under another caption
                     scenes.append(scene if shown.key in self.banned else shown)
             yield prompts, render_batch(scenes, render_seed, size=self.size) * 2 - 1
@@ -171,7 +190,8 @@ def main(argv=None):
     log = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
            "params": n_params, "loss": [], "evals": []}
     t_start = time.time()
-    stream = RenderedBatches(args.batch_size, args.seed, banned, args.sample_size, args.caption_noise)
+    stream = RenderedBatches(args.batch_size, args.seed, banned, args.sample_size, args.caption_noise,
+                             args.caption_swap)
     batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers,
                                                prefetch_factor=4 if args.workers else None,
                                                persistent_workers=bool(args.workers)))
