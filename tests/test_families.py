@@ -8,6 +8,8 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
+from tiny_pipes import pipeline_cache, sample_options  # noqa: E402
+
 from diffrl.models.tiny import tiny_pipeline  # noqa: E402
 from diffrl.samplers import DDIMSampler, FlowSDESampler, get_adapter  # noqa: E402
 from diffrl.samplers.base import SplitCFG  # noqa: E402
@@ -18,18 +20,10 @@ FAMILY_MODULE = {"sd": "sd", "sd-v": "sd", "sdxl": "sdxl", "sd3": "sd3", "flux":
 
 @pytest.fixture(scope="module")
 def pipes():
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = tiny_pipeline(family, seed=11)
-        return cache[family]
-
-    return get
+    return pipeline_cache(seed=11)
 
 
-def _opts(family):
-    return {"max_sequence_length": 16} if family in ("sd3", "flux") else {}
+_opts = sample_options
 
 
 def _sample(sampler, family, seed=0, T=3, w=4.0, **kw):

@@ -16,6 +16,8 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
+from tiny_pipes import pipeline_cache, sample_options  # noqa: E402
+
 from diffrl import schedules  # noqa: E402
 from diffrl.ops import sde_step  # noqa: E402
 from diffrl.samplers import DISABLE_ADAPTERS, DDIMSampler, FlowSDESampler, Rollout, resolve_sde_steps  # noqa: E402
@@ -29,19 +31,10 @@ SIZE = dict(height=32, width=32)
 
 @pytest.fixture(scope="module")
 def pipes():
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = tiny_pipeline(family, seed=7)
-        return cache[family]
-
-    return get
+    return pipeline_cache(seed=7)
 
 
-def _opts(family):
-    # short T5 context: the tiny tokenizers' max length (the pipelines default to 256 / 512)
-    return {"max_sequence_length": 16} if family in ("sd3", "flux") else {}
+_opts = sample_options
 
 
 def _sampler(pipe, family, noisy=True, **kw):
