@@ -275,8 +275,10 @@ class BaseTrainer:
     def make_sampler(self, pipe):
         raise NotImplementedError
 
-    def compute_advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """This rank's advantages [B] from this rank's rewards [B] (gathering across ranks inside)."""
+    def compute_advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor, prompts: list[str],
+                           heads: dict | None = None, rollout=None) -> torch.Tensor:
+        """This rank's advantages [B] from this rank's rewards [B] (gathering across ranks inside); ``heads``:
+        every head the reward returned, per sample; ``rollout``: the batch (its images, for a pairwise reward)."""
         raise NotImplementedError
 
     def extra_state(self) -> dict:

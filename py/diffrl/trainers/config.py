@@ -19,6 +19,10 @@ from typing import Any
 __all__ = ["TrainConfig", "GRPOConfig", "NFTConfig", "DDPOConfig", "load_config", "apply_overrides", "config_to_dict"]
 
 
+ADVANTAGES = ("group", "win_rate")          # GRPOConfig.advantage (diffrl.trainers.advantage)
+AGGREGATIONS = ("sum", "per_reward")        # GRPOConfig.reward_aggregation
+
+
 def _need(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(f"config: {msg}")
@@ -120,9 +124,19 @@ class GRPOConfig(TrainConfig):
     noise_level: float = 0.7
     sde_type: str = "sde"                # sde | cps
     sde_window: list[int] = field(default_factory=list)  # [start, end) of stochastic steps; empty: all
+    # advantages (diffrl.trainers.advantage)
+    advantage: str = "group"             # group | win_rate (Pref-GRPO: win rate in the group, then normalised)
+    reward_aggregation: str = "sum"      # sum | per_reward (each reward normalised in its group, then summed)
+    step_weights: list[float] = field(default_factory=list)  # PPO: the advantage's weight at each trained step
+                                         # (one per recorded step; empty: 1)
 
     def validate(self) -> None:
         super().validate()
+        _need(self.advantage in ADVANTAGES, f"advantage must be one of {', '.join(ADVANTAGES)}, got {self.advantage!r}")
+        _need(self.reward_aggregation in AGGREGATIONS,
+              f"reward_aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.reward_aggregation!r}")
+        _need(all(w == w and abs(w) != float("inf") for w in self.step_weights),
+              f"step_weights must be finite, got {list(self.step_weights)}")
         _need(self.sde_type in ("sde", "cps"), f"sde_type must be sde or cps, got {self.sde_type!r}")
         _need(self.noise_level >= 0, "noise_level must be >= 0")
         _need(len(self.sde_window) in (0, 2), f"sde_window must be [start, end] or empty, got {self.sde_window}")
@@ -130,6 +144,9 @@ class GRPOConfig(TrainConfig):
             a, b = self.sde_window
             _need(0 <= a < b <= self.num_inference_steps,
                   f"sde_window {self.sde_window} must satisfy 0 <= start < end <= num_inference_steps")
+        recorded = (self.sde_window[1] - self.sde_window[0]) if self.sde_window else self.num_inference_steps
+        _need(not self.step_weights or len(self.step_weights) == recorded,
+              f"step_weights needs one weight per recorded (stochastic) step: {recorded}, got {len(self.step_weights)}")
 
 
 @dataclass
@@ -154,6 +171,7 @@ class NFTConfig(GRPOConfig):
         _need(0.0 <= self.nft_negative_weight <= 1.0,
               f"nft_negative_weight must be in [0, 1], got {self.nft_negative_weight}")
         _need(self.kl_coef == 0, "kl_coef is not supported by the nft trainer (nft_beta bounds each update instead)")
+        _need(not self.step_weights, "step_weights do not apply to the nft trainer (its loss has no sampling steps)")
 
 
 @dataclass

@@ -94,7 +94,8 @@ class RolloutSource:
         rec.update(time_sample=t1 - t0, time_reward=t2 - t1, samples=len(all_rewards))
         if not bool(torch.isfinite(all_rewards).all()):  # advantages of non-finite rewards mean nothing
             return EpochData(rollout, None, rec)
-        adv = tr.compute_advantages(rewards, gids, rollout.prompts)
+        tensors = {k: v.to(tr.device) for k, v in heads.items() if isinstance(v, torch.Tensor)}
+        adv = tr.compute_advantages(rewards, gids, rollout.prompts, heads=tensors, rollout=rollout)
         # this rank's batch of the last epoch, for inspection and the multi-process tests
         tr.last_batch = {"rewards": rewards.detach().cpu(), "group_ids": rollout.group_ids.cpu(),
                          "advantages": adv.detach().cpu(), "prompts": list(rollout.prompts)}

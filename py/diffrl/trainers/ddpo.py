@@ -37,7 +37,7 @@ class DDPOTrainer(BaseTrainer):
                              "(trainer: nft)")
         return DDIMSampler(pipe, eta=self.config.eta)
 
-    def compute_advantages(self, rewards, group_ids, prompts):
+    def compute_advantages(self, rewards, group_ids, prompts, heads=None, rollout=None):
         from diffrl.distributed import distributed_group_advantages, gather_rewards, prompt_group_ids  # noqa: PLC0415
 
         cfg = self.config

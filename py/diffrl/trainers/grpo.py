@@ -2,7 +2,8 @@
 
 SDE sampling through ``FlowSDESampler`` (``noise_level``, ``sde_type``; ``sde_window`` makes only
 steps ``[start, end)`` stochastic and trained, as MixGRPO / Flow-GRPO-Fast), advantages normalised
-within each prompt's group across all ranks (``adv_std``, ``adv_clip``).
+within each prompt's group across all ranks (``adv_std``, ``adv_clip``; ``advantage: win_rate`` and
+``reward_aggregation: per_reward``: :mod:`diffrl.trainers.advantage`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,20 @@ __all__ = ["GRPOTrainer"]
 
 
 class GRPOTrainer(BaseTrainer):
-    """Rollouts of ``FlowSDESampler``, group advantages, the PPO objective (kind ``grpo``, diffrl.trainers.kinds)."""
+    """Rollouts of ``FlowSDESampler``, group advantages, the PPO objective (kind ``grpo``, diffrl.trainers.kinds).
+
+    ``pairwise_reward``: a callable ``(images_a, images_b, prompts) -> [N]`` probabilities that each image of
+    ``images_a`` is preferred to its partner, for ``advantage: win_rate`` (Pref-GRPO); without it the win
+    rates come from the scalar reward."""
+
+    def __init__(self, config, *, pairwise_reward=None, **kwargs):
+        if pairwise_reward is not None and config.advantage != "win_rate":
+            raise ValueError("pairwise_reward is used by advantage: win_rate only; the config has advantage: "
+                             f"{config.advantage}")
+        if pairwise_reward is not None and not callable(pairwise_reward):
+            raise TypeError(f"pairwise_reward must be callable, got {type(pairwise_reward).__name__}")
+        self.pairwise_reward = pairwise_reward
+        super().__init__(config, **kwargs)
 
     def make_sampler(self, pipe):
         from diffrl.samplers import FlowSDESampler  # noqa: PLC0415
@@ -29,9 +43,8 @@ class GRPOTrainer(BaseTrainer):
         window = tuple(cfg.sde_window) if cfg.sde_window else None
         return FlowSDESampler(pipe, noise_level=cfg.noise_level, sde_type=cfg.sde_type, sde_steps=window)
 
-    def compute_advantages(self, rewards, group_ids, prompts):
-        from diffrl.distributed import distributed_group_advantages  # noqa: PLC0415
+    def compute_advantages(self, rewards, group_ids, prompts, heads=None, rollout=None):
+        from diffrl.trainers.advantage import grpo_advantages  # noqa: PLC0415
 
-        clip = self.config.adv_clip if self.config.adv_clip > 0 else None
-        return distributed_group_advantages(rewards.float(), group_ids.long(), std=self.config.adv_std,
-                                            clip=clip).to(torch.float32)
+        return grpo_advantages(self.config, rewards, group_ids, heads=heads, rollout=rollout,
+                               pairwise=self.pairwise_reward)

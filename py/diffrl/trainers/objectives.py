@@ -48,7 +48,8 @@ class Objective:
 class PPOObjective(Objective):
     """The clipped PPO surrogate on the recorded steps' log-probs (GRPO, DDPO), plus ``kl_coef`` times the
     KL to the reference policy. Each sample trains on its own random subset of the recorded steps
-    (``timestep_fraction``, as DDPO); one backward pass per trained step."""
+    (``timestep_fraction``, as DDPO); one backward pass per trained step. ``step_weights`` (GRPO): the
+    advantage at recorded step j is ``A * step_weights[j]``."""
 
     @classmethod
     def needs_reference(cls, config) -> bool:
@@ -60,8 +61,12 @@ class PPOObjective(Objective):
             raise ValueError("the sampler recorded no stochastic step (noise_level / eta 0, or an sde_window of "
                              "deterministic steps): there is no log-prob to train on")
         old = batch.log_probs.detach()
+        weights = list(getattr(self.config, "step_weights", []))
+        if weights and len(weights) != S:
+            raise ValueError(f"step_weights has {len(weights)} entries but the sampler recorded {S} steps")
         return {"old": old, "adv": advantages.to(old.device).float(), "S": S,
                 "n_steps": max(1, int(S * self.config.timestep_fraction)),
+                "step_weights": torch.tensor(weights, dtype=torch.float32, device=old.device) if weights else None,
                 "gen": self.trainer._generator(epoch, 2, self.trainer.rank)}
 
     def order(self, state, inner):
@@ -81,8 +86,11 @@ class PPOObjective(Objective):
         old, adv = state["old"], state["adv"]
         steps = state["step_order"][idx, term]
         out = tr.sampler.score(sub, steps, transformer_or_unet=tr.model, reference=tr.reference)
+        a = adv[idx.to(adv.device)]
+        if state["step_weights"] is not None:  # the advantage's weight at each sample's trained step
+            a = a * state["step_weights"][steps.to(a.device)]
         return grpo_loss(out.log_prob.float(), old[idx.to(old.device), steps.to(old.device)],
-                         adv[idx.to(adv.device)], clip_range=cfg.clip_range,
+                         a, clip_range=cfg.clip_range,
                          kl=None if out.kl is None else out.kl.float(), kl_coef=cfg.kl_coef)
 
 

@@ -1,0 +1,176 @@
+"""The GRPO family's advantage options as trainer config keys (issue #20): ``advantage: win_rate``
+(Pref-GRPO, from the scalar reward or a pairwise one), ``reward_aggregation: per_reward`` (each reward
+normalised in its group, then the weighted sum) and PPO's ``step_weights``. Each is checked against its
+formula written out here in float64, on fresh random rewards and on a real epoch of a tiny pipeline."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from diffrl.trainers import GRPOConfig, GRPOTrainer, NFTConfig, get_preset, load_config
+from diffrl.trainers.advantage import grpo_advantages, pairwise_win_rate
+
+EPS = 1e-4  # group_advantages' default (added to the std)
+
+
+def _normalise(x: torch.Tensor, ids: torch.Tensor, clip=None) -> torch.Tensor:
+    """[B] float64: (x - group mean) / (group population std + eps), clamped."""
+    out = torch.empty_like(x, dtype=torch.float64)
+    for g in ids.unique():
+        m = ids == g
+        v = x[m].double()
+        out[m] = (v - v.mean()) / (v.std(unbiased=False) + EPS) if m.sum() > 1 else torch.zeros_like(v)
+    return out if clip is None else out.clamp(-clip, clip)
+
+
+def _win_rate(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(len(x), dtype=torch.float64)
+    for i in range(len(x)):
+        others = [j for j in range(len(x)) if j != i and ids[j] == ids[i]]
+        out[i] = sum(1.0 if x[i] > x[j] else 0.5 if x[i] == x[j] else 0.0 for j in others) / len(others) \
+            if others else 0.5
+    return out
+
+
+def _cfg(**kw):
+    base = dict(adv_std="group", adv_clip=5.0, advantage="group", reward_aggregation="sum",
+                reward={"a": 1.0, "b": 0.5, "c": 2.0})
+    return SimpleNamespace(**{**base, **kw})
+
+
+def _batch(B=23, groups=5):
+    ids = torch.randint(groups, (B,))
+    heads = {f"{n}/reward": torch.randn(B) * s for n, s in (("a", 1.0), ("b", 30.0), ("c", 0.01))}
+    heads["reward"] = heads["a/reward"] + 0.5 * heads["b/reward"] + 2 * heads["c/reward"]
+    return ids, heads
+
+
+def test_per_reward_normalises_each_reward_then_sums():
+    ids, heads = _batch()
+    got = grpo_advantages(_cfg(reward_aggregation="per_reward"), heads["reward"], ids, heads=heads)
+    want = sum(w * _normalise(heads[f"{n}/reward"], ids) for n, w in (("a", 1.0), ("b", 0.5), ("c", 2.0)))
+    torch.testing.assert_close(got.double(), want.clamp(-5, 5), rtol=1e-6, atol=1e-6)
+    # the sum's normalisation is a different thing: the large-scale reward b dominates it
+    plain = grpo_advantages(_cfg(), heads["reward"], ids, heads=heads)
+    torch.testing.assert_close(plain.double(), _normalise(heads["reward"], ids, clip=5.0), rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(plain, got, atol=1e-3)
+
+
+def test_win_rate_from_the_scalar_reward():
+    ids, heads = _batch(B=31, groups=4)
+    r = torch.randint(0, 5, (31,)).float()  # ties on purpose
+    got = grpo_advantages(_cfg(advantage="win_rate", adv_clip=0.0), r, ids)
+    torch.testing.assert_close(got.double(), _normalise(_win_rate(r, ids), ids), rtol=1e-6, atol=1e-6)
+    # per reward: each reward's win rate, normalised on its own, then the weighted sum
+    got = grpo_advantages(_cfg(advantage="win_rate", reward_aggregation="per_reward", adv_clip=0.0),
+                          heads["reward"], ids, heads=heads)
+    want = sum(w * _normalise(_win_rate(heads[f"{n}/reward"], ids), ids) for n, w in (("a", 1.0), ("b", 0.5),
+                                                                                    ("c", 2.0)))
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_win_rate_from_a_pairwise_reward():
+    """A Bradley-Terry judge over hidden per-image scores: win rate_i = mean_j sigmoid(s_i - s_j); each
+    unordered pair of a group is judged once, in one call."""
+    B = 13
+    ids = torch.randint(3, (B,))
+    ids[0] = 7  # a group of one: 0.5, never judged
+    images = torch.rand(B, 3, 4, 4)
+    hidden = torch.randn(B, dtype=torch.float64)
+    calls = []
+
+    def judge(a, b, prompts):
+        ia = [int((images == x).flatten(1).all(1).nonzero()) for x in a]
+        ib = [int((images == x).flatten(1).all(1).nonzero()) for x in b]
+        calls.append(list(zip(ia, ib)))
+        assert prompts == [f"p{ids[i]}" for i in ia]
+        return torch.sigmoid(hidden[ia] - hidden[ib]).float()
+
+    wr = pairwise_win_rate(judge, images, [f"p{int(g)}" for g in ids], ids)
+    want = torch.empty(B, dtype=torch.float64)
+    for i in range(B):
+        others = [j for j in range(B) if j != i and ids[j] == ids[i]]
+        want[i] = sum(torch.sigmoid(hidden[i] - hidden[j]) for j in others) / len(others) if others else 0.5
+    torch.testing.assert_close(wr, want, rtol=1e-6, atol=1e-6)
+    (pairs,) = calls
+    n_pairs = sum(int((ids == g).sum()) * (int((ids == g).sum()) - 1) // 2 for g in ids.unique())
+    assert len(pairs) == n_pairs == len({frozenset(p) for p in pairs})
+    rollout = SimpleNamespace(images=images, prompts=[f"p{int(g)}" for g in ids])
+    got = grpo_advantages(_cfg(advantage="win_rate", adv_clip=0.0), torch.zeros(B), ids, rollout=rollout,
+                          pairwise=judge)
+    torch.testing.assert_close(got.double(), _normalise(want, ids), rtol=1e-5, atol=1e-5)
+    for bad, match in ((lambda a, b, p: torch.ones(len(a) + 1), "preferences for"),
+                       (lambda a, b, p: torch.full((len(a),), 1.5), "probabilities in"),
+                       (lambda a, b, p: torch.full((len(a),), float("nan")), "probabilities in")):
+        with pytest.raises(ValueError, match=match):
+            pairwise_win_rate(bad, images, rollout.prompts, ids)
+
+
+def test_bad_options_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="advantage must be one of group, win_rate"):
+        GRPOConfig(advantage="dense")
+    with pytest.raises(ValueError, match="reward_aggregation must be one of"):
+        NFTConfig(reward_aggregation="mean")
+    with pytest.raises(ValueError, match="one weight per recorded"):
+        GRPOConfig(num_inference_steps=4, sde_window=[1, 3], step_weights=[1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="step_weights do not apply to the nft"):
+        NFTConfig(num_inference_steps=2, step_weights=[1.0, 1.0])
+    ids, heads = _batch()
+    with pytest.raises(ValueError, match="per_reward needs each reward's own head"):
+        grpo_advantages(_cfg(reward_aggregation="per_reward"), heads["reward"], ids, heads={"reward": heads["reward"]})
+    _, values = get_preset("tiny-sd3-jpeg")
+    cfg = load_config(GRPOConfig, base={**values, "output_dir": str(tmp_path)})
+    with pytest.raises(ValueError, match="pairwise_reward is used by advantage: win_rate only"):
+        GRPOTrainer(cfg, pairwise_reward=lambda a, b, p: torch.rand(len(a)), progress=False)
+
+
+def test_an_epoch_with_per_reward_win_rate_and_step_weights(tmp_path, monkeypatch):
+    """A real epoch (tiny SD3, two rewards): the advantages the trainer trains on are the formula's on the
+    rewards it measured, and each PPO term sees them times the weight of its step."""
+    import diffrl.ops as ops
+
+    seen = []
+    real_loss = ops.grpo_loss
+
+    def spy(log_prob, old, adv, **kw):
+        seen.append(adv.detach().clone())
+        return real_loss(log_prob, old, adv, **kw)
+
+    monkeypatch.setattr(ops, "grpo_loss", spy)
+    weights = [float(w) for w in torch.rand(3) + 0.5]
+    _, values = get_preset("tiny-sd3-jpeg")
+    values.update(output_dir=str(tmp_path), epochs=1, num_inference_steps=3, save_every=0, advantage="win_rate",
+                  reward_aggregation="per_reward", step_weights=weights, timestep_fraction=1.0,
+                  reward={"jpeg_incompressibility": 1.0, "jpeg_compressibility": 0.3}, adv_clip=0.0)
+    tr = GRPOTrainer(load_config(GRPOConfig, base=values), progress=False)
+    captured = {}
+    real_adv = tr.compute_advantages
+
+    def capture(rewards, group_ids, prompts, heads=None, rollout=None):
+        captured.update(heads=heads, ids=group_ids.clone())
+        return real_adv(rewards, group_ids, prompts, heads=heads, rollout=rollout)
+
+    tr.compute_advantages = capture
+    order = []
+    real_order = tr.objective.order
+
+    def record_order(state, inner):
+        perm = real_order(state, inner)
+        order.append((perm.clone(), state["step_order"].clone()))
+        return perm
+
+    tr.objective.order = record_order
+    (rec,) = tr.train()
+    h, ids = captured["heads"], captured["ids"].cpu()
+    want = sum(w * _normalise(_win_rate(h[f"{n}/reward"].cpu(), ids), ids)
+               for n, w in (("jpeg_incompressibility", 1.0), ("jpeg_compressibility", 0.3)))
+    adv = tr.last_batch["advantages"]
+    torch.testing.assert_close(adv.double(), want, rtol=1e-5, atol=1e-5)
+    (perm, step_order), = order
+    w = torch.tensor(weights)
+    batches = perm.split(tr.config.train_batch_size)
+    expected = [adv[idx] * w[step_order[idx, j]] for idx in batches for j in range(3)]
+    assert len(seen) == len(expected) and rec["optimizer_steps"] >= 1
+    for got, exp in zip(seen, expected):
+        torch.testing.assert_close(got.cpu(), exp, rtol=1e-6, atol=1e-7)
