@@ -165,9 +165,9 @@ setup(
     packages=["diffrl", "diffrl.ops", "diffrl.kernels"]
     + [f"diffrl.{p.name}" for p in sorted((ROOT / "py" / "diffrl").iterdir()) if (p / "__init__.py").exists() and p.name != "ops"],
     package_dir={"diffrl": "py/diffrl", "diffrl.kernels": "kernels"},
-    # the packaged shapes base model (safetensors + configs, ~9 MB) and its model card
-    package_data={"diffrl.models": ["shapes_base/*.json", "shapes_base/*.md", "shapes_base/*.png",
-                                    "shapes_base/*/*.json", "shapes_base/*/*.safetensors"]},
+    # the packaged shapes models (safetensors + configs, ~9 MB each) and their model cards
+    package_data={"diffrl.models": [f"{m}/{pat}" for m in ("shapes_base", "shapes_swapped")
+                                    for pat in ("*.json", "*.md", "*.png", "*/*.json", "*/*.safetensors")]},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExt, "build_py": BuildPy},
 )

@@ -1,17 +1,21 @@
-"""``diffrl demo``: RL makes the packaged shapes model better at what its prompts ask, on a CPU, in minutes.
+"""``diffrl demo``: RL removes a caption habit from the built-in shapes model, on a CPU, in minutes.
 
-1. loads the packaged pre-trained shapes model (``builtin:shapes``: 32x32 pixel-space DiT, no download);
+1. loads the built-in model ``builtin:shapes-swapped`` (a 32x32 pixel-space DiT, no download: the packaged
+   shapes model whose pre-training continued on captions with systematically shifted colours, so that it
+   can draw every scene but usually draws the wrong colours; ``py/diffrl/models/shapes_swapped/README.md``);
 2. evaluates it on held-out prompts (scenes never trained on; ``--eval-images`` images per prompt, 4 by
    default, each from a fixed noise seed) with the rule-based verifier :class:`diffrl.rewards.ShapesReward`;
 3. fine-tunes it on grammar prompts against the same verifier with the preset's trainer:
    ``shapes-nft`` (default; :class:`diffrl.trainers.NFTTrainer`, group-normalised advantages on the
-   forward process, 60 epochs) or ``shapes-grpo`` (:class:`diffrl.trainers.GRPOTrainer`, Flow-GRPO
-   on the SDE steps' log-probs, an 8-minute budget), capped by ``--minutes``;
-4. evaluates again on the same prompts and seeds, prints the before/after table and writes to
-   ``--output-dir``: ``summary.json`` (``accuracy_before``, ``accuracy_after``, every criterion, wall
-   times, config, machine), ``reward_curve.png`` (training reward per epoch against wall time, with the
-   held-out accuracies), ``before.png`` / ``after.png`` (the first 64 held-out samples, same seeds) with
-   ``prompts.txt`` (their prompts, row by row), and the trainer's ``metrics.jsonl`` and final checkpoint.
+   forward process, LoRA, CFG 1, 7 minutes), ``shapes-grpo`` (:class:`diffrl.trainers.GRPOTrainer`,
+   Flow-GRPO on the SDE steps' log-probs of the packaged base model, 8 minutes) or ``shapes-nft-base``
+   (the demo's first configuration: the packaged base model, full fine-tuning, CFG 4), capped by ``--minutes``;
+4. evaluates again on the same prompts and seeds, prints the before/after table with the change's 95%
+   interval and writes to ``--output-dir``: ``summary.json`` (``accuracy_before``, ``accuracy_after``,
+   every criterion, the interval, wall times, config, machine), ``reward_curve.png`` (training reward per
+   epoch against wall time, with the held-out accuracies), ``before.png`` / ``after.png`` (the first 64
+   held-out samples, same seeds) with ``prompts.txt`` (their prompts, row by row), and the trainer's
+   ``metrics.jsonl`` and final checkpoint.
 """
 
 from __future__ import annotations
@@ -95,26 +99,29 @@ def _plot(records: list[dict], before: dict, after: dict, path: Path, title: str
     return True
 
 
-DEMO_PRESETS = ("shapes-nft", "shapes-grpo")
+DEMO_PRESETS = ("shapes-nft", "shapes-grpo", "shapes-nft-base")
 #: images per held-out prompt: one image per prompt moves the base model's accuracy by ~3 points from one
 #: seed set to another (0.33-0.43 over 16 sets), more than most gains measured here (docs/demo.md)
 EVAL_IMAGES = 4
 #: Euler steps of every held-out evaluation (the trainer samples with fewer: its preset's)
 EVAL_STEPS = 20
-#: the guidance scale of the base model's reference evaluation (its best, measured: docs/demo.md)
-REFERENCE_CFG = 4.0
+#: the guidance scale of an optional reference evaluation of the starting model (``--reference-cfg``;
+#: off by default: at CFG 4 it costs as much as two evaluations at the trainer's CFG 1)
+REFERENCE_CFG = None
 
 
 def run_demo(output_dir: str | Path = "runs/demo", *, minutes: float | None = None, eval_prompts: int = 200,
              seed: int = 0, device: str = "cpu", threads: int | None = None, progress: bool = True,
              overrides: dict | None = None, preset: str = DEMO_PRESETS[0], eval_every: int = 0,
-             eval_images: int = EVAL_IMAGES, reference_cfg: float | None = REFERENCE_CFG) -> dict:
+             eval_images: int = EVAL_IMAGES, reference_cfg: float | None = REFERENCE_CFG,
+             eval_raw_weights: bool = False) -> dict:
     """Runs the demo (see the module docstring); returns the summary it writes to ``summary.json``.
     ``eval_every``: epochs between held-out evaluations during training (0: before and after only);
     ``eval_images``: images per held-out prompt in every evaluation (seed sets, see
     :func:`diffrl.models.shapes_eval.evaluate`). Every evaluation samples at the guidance scale the
     trainer samples with (20 Euler steps); ``reference_cfg`` also evaluates the base model at that
-    guidance scale (None: not), the number to beat without guidance's second model call."""
+    guidance scale (None: not), the number to beat without guidance's second model call.
+    ``eval_raw_weights``: when the preset keeps an EMA (the result), also evaluate the raw trained weights."""
     from diffrl.models.shapes_eval import (  # noqa: PLC0415
         SEED_SET_STRIDE, evaluate, heldout_prompts, paired_bootstrap, save_grid)
     from diffrl.rewards import ShapesReward  # noqa: PLC0415
@@ -147,7 +154,7 @@ def run_demo(output_dir: str | Path = "runs/demo", *, minutes: float | None = No
 
     say = print if progress else (lambda *a, **k: None)
     when = f"before, every {eval_every} epochs and after" if eval_every else "before and after"
-    say(f"diffrl demo: {name} on the packaged shapes model (preset {preset}), training for at most {cfg.epochs} "
+    say(f"diffrl demo: {name} on the built-in model {cfg.pretrained} (preset {preset}), training for at most {cfg.epochs} "
         f"epochs and {cfg.max_minutes:g} min on {device} ({torch.get_num_threads()} threads); held-out "
         f"evaluation on {eval_prompts} prompts x {eval_images} seeds {when}")
     trainer = trainer_cls(cfg, progress=progress)
@@ -169,7 +176,7 @@ def run_demo(output_dir: str | Path = "runs/demo", *, minutes: float | None = No
         t0 = time.perf_counter()
         reference, _ = held_out(float(reference_cfg))
         t_eval_before += time.perf_counter() - t0
-        say(f"       the base model at CFG {reference_cfg:g} (twice the model calls): accuracy "
+        say(f"       the starting model at CFG {reference_cfg:g} (twice the model calls): accuracy "
             f"{reference['accuracy']:.3f}{_spread(reference)}, reward {reference['reward']:.3f}")
     save_grid(imgs_before[:64], out / "before.png")
     (out / "prompts.txt").write_text("".join(f"{i:3d} (row {i // 8}, col {i % 8}): {p}\n"
@@ -199,8 +206,9 @@ def run_demo(output_dir: str | Path = "runs/demo", *, minutes: float | None = No
     after_raw = None
     if trainer.ema is not None:
         # the EMA of the trained weights is the result (as the base model ships its EMA): the raw
-        # weights carry the last updates' gradient noise; both are reported
-        after_raw, _ = held_out()
+        # weights carry the last updates' gradient noise (evaluated too on request)
+        if eval_raw_weights:
+            after_raw, _ = held_out()
         with trainer.ema_weights():
             after, imgs_after = held_out()
     else:
@@ -226,7 +234,7 @@ def run_demo(output_dir: str | Path = "runs/demo", *, minutes: float | None = No
     if reference is not None:
         d = after["accuracy"] - reference["accuracy"]
         ci_ref = paired_bootstrap(reference["accuracy_per_prompt"], after["accuracy_per_prompt"])
-        say(f"against the base model at CFG {reference_cfg:g}: {d * 100:+.1f} points, 95% interval "
+        say(f"against the starting model at CFG {reference_cfg:g}: {d * 100:+.1f} points, 95% interval "
             f"[{ci_ref['ci_low'] * 100:+.1f}, {ci_ref['ci_high'] * 100:+.1f}]"
             f" ({'significant' if ci_ref['significant'] else 'not significant'})")
     title = (f"{name} on the shapes model: held-out accuracy {before['accuracy']:.2f} -> {after['accuracy']:.2f}\n"
@@ -240,7 +248,8 @@ def run_demo(output_dir: str | Path = "runs/demo", *, minutes: float | None = No
         "bootstrap": ci, "before": before, "after": after, "eval_prompts": eval_prompts,
         "reference_cfg": reference_cfg if reference is not None else None, "reference": reference,
         "accuracy_after_vs_reference_ci95": None if reference is None else [ci_ref["ci_low"], ci_ref["ci_high"]],
-        "after_weights": "trained" if after_raw is None else f"EMA of the trained weights (decay {cfg.ema_decay:g})",
+        "after_weights": ("trained" if trainer.ema is None
+                          else f"EMA of the trained weights (decay {cfg.ema_decay:g})"),
         "accuracy_after_raw_weights": None if after_raw is None else after_raw["accuracy"],
         "after_raw_weights": after_raw,
         "eval_images_per_prompt": eval_images,
@@ -275,7 +284,7 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--output-dir", default="runs/demo",
                    help="where the summary, plots and grids go (default runs/demo)")
     p.add_argument("--minutes", type=float, default=None,
-                   help="training time cap (default: the preset's; shapes-nft trains 60 epochs, ~5 min on 2 cores)")
+                   help="training time cap (default: the preset's; shapes-nft trains for 7 min)")
     p.add_argument("--eval-prompts", type=int, default=200,
                    help="held-out prompts evaluated before and after (max 200)")
     p.add_argument("--seed", type=int, default=0)
@@ -285,12 +294,15 @@ def add_demo_parser(sub) -> None:
                    help=f"the trainer and its settings (default {DEMO_PRESETS[0]})")
     p.add_argument("--eval-images", type=int, default=EVAL_IMAGES,
                    help=f"images per held-out prompt, each from its own fixed seed (default {EVAL_IMAGES})")
-    p.add_argument("--reference-cfg", type=float, default=REFERENCE_CFG,
-                   help=f"also evaluate the base model at this guidance scale (default {REFERENCE_CFG:g}; 0: skip)")
+    p.add_argument("--reference-cfg", type=float, default=0.0,
+                   help="also evaluate the starting model at this guidance scale (e.g. 4; default 0: skip)")
+    p.add_argument("--eval-raw-weights", action="store_true",
+                   help="also evaluate the raw trained weights (the result is their EMA)")
     p.add_argument("--eval-every", type=int, default=0,
                    help="epochs between held-out evaluations during training, for the curve (default 0: before "
                         "and after only; each evaluation of 200 prompts x 4 images takes ~1.5 min on 2 cores)")
     p.set_defaults(func=lambda a: (run_demo(a.output_dir, minutes=a.minutes, eval_prompts=a.eval_prompts, seed=a.seed,
                                             device=a.device, threads=a.threads, preset=a.preset,
                                             eval_every=a.eval_every, eval_images=a.eval_images,
-                                            reference_cfg=a.reference_cfg or None), 0)[1])
+                                            reference_cfg=a.reference_cfg or None,
+                                            eval_raw_weights=a.eval_raw_weights), 0)[1])

@@ -1,5 +1,5 @@
 """Loading a pipeline by name: a diffusers folder or hub id, a saved shapes pipeline, a random tiny
-one (``tiny:<family>``) or the packaged shapes model (``builtin:shapes``)."""
+one (``tiny:<family>``) or a packaged shapes model (``builtin:shapes``, ``builtin:shapes-swapped``)."""
 
 from __future__ import annotations
 
@@ -13,17 +13,14 @@ __all__ = ["load_pipeline"]
 
 def load_pipeline(pretrained: str, *, seed: int = 0, dtype=torch.float32):
     """A diffusers pipeline from a folder (a saved shapes pipeline too) / hub id, ``tiny:<family>`` for a
-    random tiny one, or ``builtin:shapes`` for the packaged pre-trained shapes model."""
+    random tiny one, or ``builtin:shapes`` / ``builtin:shapes-swapped`` for a packaged pre-trained shapes model."""
     if not pretrained:
         raise ValueError("config.pretrained is empty: give a diffusers folder or hub id, 'tiny:<family>' or "
                          "'builtin:shapes' (or pass pipeline= to the trainer)")
     if pretrained.startswith("builtin:"):
-        name = pretrained.split(":", 1)[1]
-        if name != "shapes":
-            raise ValueError(f"unknown built-in model {name!r}: the package ships 'builtin:shapes'")
         from diffrl.models.shapes_model import load_base_pipeline  # noqa: PLC0415
 
-        return load_base_pipeline(dtype=dtype)
+        return load_base_pipeline(dtype=dtype, name=pretrained.split(":", 1)[1])  # (unknown names: a clear error)
     if pretrained.startswith("tiny:"):
         from diffrl.models.tiny import tiny_pipeline  # noqa: PLC0415
 

@@ -420,19 +420,26 @@ def dtype_kwarg(dtype: torch.dtype) -> dict:
 
 #: the packaged base model (trained by scripts/train_shapes_base.py; see its README.md)
 BASE_MODEL_DIR = Path(__file__).resolve().parent / "shapes_base"
+#: the packaged models by ``builtin:<name>``: the base model, and the demo's starting point, the base model
+#: with a colour-swap habit (its pre-training continued on captions whose colours are often shifted)
+BUILTIN_MODELS = {"shapes": BASE_MODEL_DIR, "shapes-swapped": BASE_MODEL_DIR.parent / "shapes_swapped"}
 
 
-def load_base_pipeline(device=None, dtype: torch.dtype = torch.float32) -> ShapesPipeline:
-    """The packaged pre-trained shapes model (offline; ~8 MB of safetensors in the package)."""
-    if not (BASE_MODEL_DIR / "model_index.json").exists():
-        raise FileNotFoundError(f"the packaged shapes base model is missing ({BASE_MODEL_DIR}): reinstall diffrl "
+def load_base_pipeline(device=None, dtype: torch.dtype = torch.float32, name: str = "shapes") -> ShapesPipeline:
+    """A packaged pre-trained shapes model (offline; ~8 MB of safetensors in the package): ``name`` is a
+    key of :data:`BUILTIN_MODELS` (``shapes``: the base model; ``shapes-swapped``: the demo's)."""
+    if name not in BUILTIN_MODELS:
+        raise ValueError(f"unknown built-in model {name!r}: the package ships {', '.join(map(repr, BUILTIN_MODELS))}")
+    folder = BUILTIN_MODELS[name]
+    if not (folder / "model_index.json").exists():
+        raise FileNotFoundError(f"the packaged shapes model {name!r} is missing ({folder}): reinstall diffrl "
                                 "or train one with scripts/train_shapes_base.py")
     from diffusers.utils import logging as dlogging  # noqa: PLC0415
 
     bar = dlogging.is_progress_bar_enabled()
     dlogging.disable_progress_bar()  # no "loading pipeline components" bar for a 4-file local folder
     try:
-        pipe = ShapesPipeline.from_pretrained(BASE_MODEL_DIR, local_files_only=True, **dtype_kwarg(dtype))
+        pipe = ShapesPipeline.from_pretrained(folder, local_files_only=True, **dtype_kwarg(dtype))
     finally:
         if bar:
             dlogging.enable_progress_bar()
