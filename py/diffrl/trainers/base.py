@@ -424,7 +424,6 @@ class BaseTrainer:
         lr = self.lr_scheduler.get_last_lr()[0]  # of the epoch's first step
         data = self.data.collect(epoch)
         t1 = time.perf_counter()
-        timing = {k: data.record.pop(k) for k in ("time_sample", "time_reward", "samples") if k in data.record}
         rec: dict[str, Any] = {"epoch": epoch, "lr": lr, **data.record}
         if data.advantages is not None:
             rec.update(self.train_epoch(epoch, data.batch, data.advantages))
@@ -434,11 +433,8 @@ class BaseTrainer:
         t2 = time.perf_counter()
         rec["nonfinite"] = data.advantages is None or rec.get("skipped_updates", 0) > 0 or \
             not math.isfinite(rec.get("loss", 0.0))
-        samples = timing.pop("samples", None)
-        rec.update(global_step=self.global_step, **timing, time_train=t2 - t1, time_epoch=t2 - t0,
+        rec.update(global_step=self.global_step, time_train=t2 - t1, time_epoch=t2 - t0,
                    peak_memory_mb=_peak_memory_mb(self.device))
-        if samples is not None:
-            rec["samples"] = samples
         return rec
 
     # ---- the run --------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,7 +136,7 @@ class GRPOConfig(TrainConfig):
         _need(self.advantage in ADVANTAGES, f"advantage must be one of {', '.join(ADVANTAGES)}, got {self.advantage!r}")
         _need(self.reward_aggregation in AGGREGATIONS,
               f"reward_aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.reward_aggregation!r}")
-        _need(all(w == w and abs(w) != float("inf") for w in self.step_weights),
+        _need(all(math.isfinite(w) for w in self.step_weights),
               f"step_weights must be finite, got {list(self.step_weights)}")
         _need(self.sde_type in ("sde", "cps"), f"sde_type must be sde or cps, got {self.sde_type!r}")
         _need(self.noise_level >= 0, "noise_level must be >= 0")
