@@ -309,6 +309,37 @@ def test_per_criterion_heads(reward):
     assert 0 < out["reward"].item() < 1
 
 
+def test_weighted_reward(reward):
+    """``weights`` makes ``reward`` a weighted mean of the heads (1 where ``correct``); default unchanged."""
+    rng = random.Random()
+    prompts = [random_prompt(rng) for _ in range(6)]
+    # images of other prompts than asked, so that most heads are partial; one image is right
+    imgs = torch.stack([render(random_prompt(rng), rng.randrange(10 ** 6)) for _ in prompts[:-1]]
+                       + [render(prompts[-1], rng.randrange(10 ** 6))])
+    base = reward(imgs, prompts)
+    w = {"count": rng.uniform(0, 2), "colour": rng.uniform(0, 2), "shape": rng.uniform(0, 2),
+         "relation": rng.uniform(0, 2), "correct": rng.uniform(1, 5)}
+    out = ShapesReward(weights=w)(imgs, prompts)
+    heads = {k: base[k].double() for k in w}
+    want = sum(w[k] * heads[k] for k in w) / sum(w.values())
+    want = torch.where(base["correct"] == 1, torch.ones_like(want), want)
+    torch.testing.assert_close(out["reward"].double(), want, rtol=1e-6, atol=1e-6)
+    assert out["reward"][-1].item() == 1.0 and base["correct"][-1].item() == 1.0
+    for k in ("correct", "count", "colour", "shape", "relation"):
+        assert torch.equal(out[k], base[k])
+    # the default is the plain mean of the four criteria
+    mean4 = (heads["count"] + heads["colour"] + heads["shape"] + heads["relation"]) / 4
+    mean4 = torch.where(base["correct"] == 1, torch.ones_like(mean4), mean4)
+    torch.testing.assert_close(base["reward"].double(), mean4, rtol=1e-6, atol=1e-6)
+    # only strict correctness: reward == correct
+    only = ShapesReward(weights={"correct": 1.0})(imgs, prompts)
+    assert torch.equal(only["reward"], base["correct"])
+    for bad, err in [({"colour": -1.0}, ValueError), ({"size": 1.0}, ValueError), ({"shape": float("nan")}, ValueError),
+                     ({"count": 0.0}, ValueError), ({}, TypeError), ([1.0], TypeError), ({"count": True}, ValueError)]:
+        with pytest.raises(err):
+            ShapesReward(weights=bad)
+
+
 def test_blank_and_off_palette_images(reward):
     prompts = ["a red circle", "a red circle above a blue square"]
     blank = torch.zeros(2, 3, 32, 32)

@@ -34,12 +34,16 @@ shapes included -- and compared with the prompt's counts as multisets, with the 
   accuracy);
 - ``reward``: the mean of count, colour, shape and relation. It is 1 exactly when ``correct`` is 1
   (count = 1 implies colour = shape = 1) and gives partial credit otherwise, e.g. right colours but
-  wrong shapes, or one object too many.
+  wrong shapes, or one object too many. ``weights`` makes it a weighted mean of any of the heads
+  count, colour, shape, relation and correct instead (e.g. ``{"count": 1, "colour": 1, "shape": 1,
+  "relation": 1, "correct": 4}`` pays strict correctness on top of partial credit); it is still 1
+  exactly when ``correct`` is 1.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -101,8 +105,10 @@ class ShapesReward:
     """
 
     heads = HEADS
+    #: the heads ``reward`` averages by default (``weights=None``)
+    DEFAULT_WEIGHTS = {"count": 1.0, "colour": 1.0, "shape": 1.0, "relation": 1.0}
 
-    def __init__(self, *, min_alpha: float = 0.5, max_residual: float = 0.3, min_area: int | None = None,
+    def __init__(self, *, weights: dict[str, float] | None = None, min_alpha: float = 0.5, max_residual: float = 0.3, min_area: int | None = None,
                  min_iou: float = 0.6, max_aspect: float = 1.6, relation_margin: float = 1.0,
                  range_slack: float = 0.02):
         if not 0.0 < min_alpha <= 1.0:
@@ -117,6 +123,7 @@ class ShapesReward:
             raise ValueError(f"max_aspect must be >= 1, got {max_aspect}")
         if relation_margin < 0 or range_slack < 0:
             raise ValueError("relation_margin and range_slack must be non-negative")
+        self.weights = self._check_weights(weights)
         self.min_alpha = float(min_alpha)
         self.max_residual = float(max_residual)
         self.min_area = min_area
@@ -127,6 +134,24 @@ class ShapesReward:
 
     # ------------------------------------------------------------------------------------------------
     # input checks
+
+    @classmethod
+    def _check_weights(cls, weights) -> dict[str, float]:
+        if weights is None:
+            return dict(cls.DEFAULT_WEIGHTS)
+        if not isinstance(weights, dict) or not weights:
+            raise TypeError(f"weights must be a non-empty dict of head name -> weight, got {weights!r}")
+        allowed = ("count", "colour", "shape", "relation", "correct")
+        out = {}
+        for k, v in weights.items():
+            if k not in allowed:
+                raise ValueError(f"weights: unknown head {k!r}; the reward can weight {', '.join(allowed)}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"weights[{k!r}] must be a finite number >= 0, got {v!r}")
+            out[k] = float(v)
+        if sum(out.values()) <= 0:
+            raise ValueError(f"weights must not all be zero, got {weights!r}")
+        return out
 
     def _check_images(self, images) -> torch.Tensor:
         if isinstance(images, np.ndarray):
@@ -321,10 +346,10 @@ class ShapesReward:
             relation[rows] = holds.float()
 
         correct = (exact & (relation == 1)).float()
-        reward = (count + colour_head + shape_head + relation) / 4
+        heads = {"correct": correct, "count": count, "colour": colour_head, "shape": shape_head, "relation": relation}
+        reward = sum(w * heads[k] for k, w in self.weights.items()) / sum(self.weights.values())
         reward = torch.where(correct == 1, torch.ones_like(reward), reward)
-        return {"reward": reward, "correct": correct, "count": count, "colour": colour_head,
-                "shape": shape_head, "relation": relation}
+        return {"reward": reward, **heads}
 
 
 __all__ = ["ShapesReward", "HEADS"]
