@@ -174,3 +174,71 @@ def test_an_epoch_with_per_reward_win_rate_and_step_weights(tmp_path, monkeypatc
     assert len(seen) == len(expected) and rec["optimizer_steps"] >= 1
     for got, exp in zip(seen, expected):
         torch.testing.assert_close(got.cpu(), exp, rtol=1e-6, atol=1e-7)
+
+
+def test_moving_window_positions_and_errors(tmp_path):
+    """``sde_window_move``: slide moves one step every N epochs and wraps; random draws a start per epoch in
+    range, the same for the same (seed, epoch); fixed leaves the sampler's window."""
+    _, values = get_preset("tiny-sd3-jpeg")
+    T, size, every = 7, 2, int(torch.randint(1, 4, ()))
+    base = {**values, "output_dir": str(tmp_path), "num_inference_steps": T, "sde_window": [1, 1 + size]}
+    slide = GRPOTrainer(load_config(GRPOConfig, base={**base, "sde_window_move": "slide",
+                                                      "sde_window_slide_every": every}), progress=False)
+    positions = T - size + 1
+    for e in range(3 * positions * every):
+        s = (1 + e // every) % positions
+        assert slide.sampling_window(e) == (s, s + size)
+    seed = int(torch.randint(1 << 20, ()))
+    rnd = GRPOTrainer(load_config(GRPOConfig, base={**base, "sde_window_move": "random", "seed": seed}),
+                      progress=False)
+    starts = [rnd.sampling_window(e)[0] for e in range(60)]
+    assert all(0 <= s < positions for s in starts) and len(set(starts)) == positions  # every position, in 60 draws
+    assert [rnd.sampling_window(e)[0] for e in range(60)] == starts
+    fixed = GRPOTrainer(load_config(GRPOConfig, base=base), progress=False)
+    assert fixed.sampling_window(5) == "default"
+    with pytest.raises(ValueError, match="sde_window_move must be one of"):
+        GRPOConfig(sde_window=[0, 2], sde_window_move="sliding")
+    with pytest.raises(ValueError, match="set sde_window"):
+        GRPOConfig(sde_window_move="random")
+    with pytest.raises(ValueError, match="sde_window_slide_every"):
+        GRPOConfig(sde_window=[0, 2], sde_window_move="slide", sde_window_slide_every=0)
+    with pytest.raises(ValueError, match="share_prefix needs same_initial_noise"):
+        GRPOConfig(share_prefix=True)
+
+
+def test_epochs_with_a_random_window_and_a_shared_prefix(tmp_path):
+    """Real epochs: each epoch's rollout records exactly its window's steps, the group starts the window from
+    one latent, the steps before it cost one model row per prompt, and the PPO update trains on them."""
+    _, values = get_preset("tiny-sd3-jpeg")
+    T, size, G = 6, 2, 3
+    values.update(output_dir=str(tmp_path), epochs=3, num_inference_steps=T, save_every=0, sde_window=[0, size],
+                  sde_window_move="random", same_initial_noise=True, share_prefix=True, group_size=G,
+                  prompts_per_epoch=2, sample_batch_size=6, timestep_fraction=1.0, seed=int(torch.randint(1 << 20, ())))
+    tr = GRPOTrainer(load_config(GRPOConfig, base=values), progress=False)
+    rows, rollouts = [], []
+    hook = tr.sampler.model.register_forward_pre_hook(
+        lambda m, args, kwargs: rows.append(kwargs["hidden_states"].shape[0]) if torch.is_grad_enabled() is False
+        else None, with_kwargs=True)
+    real_sample = tr.data.sample
+
+    def keep(epoch):
+        rows.clear()
+        r = real_sample(epoch)
+        rollouts.append((epoch, r, list(rows)))
+        return r
+
+    tr.data.sample = keep
+    try:
+        recs = tr.train()
+    finally:
+        hook.remove()
+    assert len(recs) == 3 and all(r["optimizer_steps"] >= 1 for r in recs)
+    B = 2 * G
+    for (epoch, r, n), rec in zip(rollouts, recs):
+        start = tr.sampling_window(epoch)[0]
+        assert rec["sde_window_start"] == start
+        assert r.step_indices.tolist() == list(range(start, start + size))
+        x0 = r.latents_before(0)
+        assert torch.equal(x0[0], x0[1]) and torch.equal(x0[0], x0[2]) and not torch.equal(x0[0], x0[3])
+        cfg_rows = n[-1] // B  # the last step runs on every sample
+        assert sum(n) == cfg_rows * (start * 2 + (T - start) * B)

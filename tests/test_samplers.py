@@ -294,6 +294,44 @@ def test_same_initial_noise(pipes, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_share_prefix(pipes, family):
+    """A group's deterministic prefix runs once per prompt: the same rollout (to the model's batch-composition
+    rounding), P rows instead of P*G on the steps before the window; the noise draws are unchanged."""
+    pipe = pipes(family)
+    seed = int(torch.randint(1 << 30, ()))
+    T, k, G = 5, int(torch.randint(1, 4, ())), 3
+    sampler = _sampler(pipe, family, sde_steps=(k, T))
+    model = sampler.model
+    rows = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: rows.append(
+        next(v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() >= 3).shape[0]),
+        with_kwargs=True)
+    try:
+        plain = _sample(sampler, family, seed=seed, G=G, T=T, same_initial_noise=True, keep_final_latents=True)
+        n_plain, rows[:] = list(rows), []
+        fast = _sample(sampler, family, seed=seed, G=G, T=T, same_initial_noise=True, share_prefix=True,
+                       keep_final_latents=True)
+        n_fast = list(rows)
+    finally:
+        hook.remove()
+    P, B = len(PROMPTS), len(PROMPTS) * G
+    per_step = len(n_plain) // T  # model calls per step (CFG: one on [uncond; cond] or two)
+    cfg_rows = sum(n_plain[:per_step]) // B  # rows per sample per step
+    assert sum(n_plain) == T * B * cfg_rows
+    assert sum(n_fast) == k * P * cfg_rows + (T - k) * B * cfg_rows
+    assert fast.info["share_prefix"] is True and plain.info["share_prefix"] is False
+    assert fast.latent_positions == plain.latent_positions and torch.equal(fast.step_indices, plain.step_indices)
+    for a, b in ((fast.latents, plain.latents), (fast.log_probs, plain.log_probs), (fast.images, plain.images)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # the group shares the window's start exactly, and branches after it
+    start = fast.latents_before(0)
+    assert torch.equal(start[0], start[1]) and torch.equal(start[0], start[2])
+    assert not torch.equal(fast.final_latents[0], fast.final_latents[1])
+    with pytest.raises(ValueError, match="same_initial_noise"):
+        _sample(sampler, family, G=G, T=T, share_prefix=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_keep_final_latents(pipes, family):
     """The stored final latent is what the pipeline decodes, for ODE and SDE sampling alike."""
     pipe = pipes(family)

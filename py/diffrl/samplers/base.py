@@ -298,8 +298,8 @@ class BaseSampler:
                guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
                negative_prompt=None, generator=None, *, latents: torch.Tensor | None = None,
                group_ids=None, sde_steps="default", decode: bool = True, progress: bool | None = None,
-               same_initial_noise: bool = False, keep_final_latents: bool = False, grad: bool = False,
-               **options) -> Rollout:
+               same_initial_noise: bool = False, share_prefix: bool = False, keep_final_latents: bool = False,
+               grad: bool = False, **options) -> Rollout:
         """Sample ``num_images_per_prompt`` images for each prompt and record the stochastic steps.
 
         Arguments mean what they mean for the pipeline's ``__call__`` (and default to its defaults):
@@ -318,6 +318,10 @@ class BaseSampler:
         DanceGRPO): the group then differs only by the stochastic steps' noise, so the group mean is a
         baseline for the same start and reward differences are credited to the steps that made them
         (with a list of generators, image ``p * G``'s draws the prompt's latent).
+        ``share_prefix=True`` (with ``same_initial_noise``) runs the deterministic steps before the
+        first stochastic one once per prompt instead of G times, and branches the group there
+        (Flow-GRPO-Fast / MixGRPO with a window that starts late): the same images up to the model's
+        batch-composition rounding, ``(G - 1) / G`` fewer model rows on those steps.
         ``keep_final_latents=True`` also stores the last latent (``rollout.final_latents``, what the
         VAE decodes), which forward-process trainers (``NFTTrainer``) train on.
 
@@ -331,6 +335,9 @@ class BaseSampler:
         with torch.no_grad():
             call = self._check_call(prompts, num_images_per_prompt, num_inference_steps, guidance_scale, height,
                                     width, negative_prompt, generator, group_ids, sde_steps, options)
+            if share_prefix and not same_initial_noise:
+                raise ValueError("share_prefix=True needs same_initial_noise=True: the G images of a prompt share "
+                                 "their deterministic prefix only when they start from one latent")
             G, T = call.G, call.T
             height, width, options, w = call.height, call.width, call.options, call.cfg_weight
             cond, uncond, shared, embed_index = self._encode_prompts(call)
@@ -345,13 +352,24 @@ class BaseSampler:
         recorded = [i for i, (rec, _) in enumerate(plan) if rec]
         # each recorded step's input and output latent, once (neighbouring steps share one)
         positions = sorted({p for i in recorded for p in (i, i + 1)} | ({T} if keep_final_latents else set()))
-        result = self.denoise(lat.to(torch.float32), timesteps, plan, emb, shared, w, generator,
-                              store_positions=positions, grad=grad,
-                              progress=self.progress if progress is None else progress)
+        show = self.progress if progress is None else progress
+        lat = lat.to(torch.float32)
+        # the group's common deterministic prefix, once per prompt (its steps draw no noise, so the
+        # generator's draws are unchanged); then the G branches from where the first stochastic step starts
+        k = (recorded[0] if recorded else T) if share_prefix and G > 1 else 0
+        if k:
+            first = embed_index[::G]
+            emb_p = self.model_batch({n: v[first] for n, v in cond.items()},
+                                     None if uncond is None else {n: v[first] for n, v in uncond.items()})
+            lat = self.denoise(lat[::G], timesteps[:k], plan[:k], emb_p, shared, w, None, grad=grad,
+                               progress=show).latents.repeat_interleave(G, dim=0)
+        result = self.denoise(lat, timesteps[k:], plan[k:], emb, shared, w, generator,
+                              store_positions=[p - k for p in positions], grad=grad, progress=show)
         with torch.set_grad_enabled(grad):
             images = ad.decode(result.latents, height, width) if decode else None
         info = {"family": ad.family, "kind": self.kind, "num_inference_steps": T, "height": height, "width": width,
                 "reduce": self.reduce, "num_images_per_prompt": G, "same_initial_noise": bool(same_initial_noise),
+                "share_prefix": bool(share_prefix),
                 "guidance_scale_arg": float(call.guidance_scale),
                 "sde_steps": call.steps_spec, **self._info()}
         coeff_rows = [torch.stack([co.a, co.c, co.s]) for rec, co in plan if rec]

@@ -275,6 +275,10 @@ class BaseTrainer:
     def make_sampler(self, pipe):
         raise NotImplementedError
 
+    def sampling_window(self, epoch: int):
+        """The ``sde_steps`` of ``epoch``'s rollouts (``"default"``: the sampler's own)."""
+        return "default"
+
     def compute_advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor, prompts: list[str],
                            heads: dict | None = None, rollout=None) -> torch.Tensor:
         """This rank's advantages [B] from this rank's rewards [B] (gathering across ranks inside); ``heads``:

@@ -22,6 +22,7 @@ __all__ = ["TrainConfig", "GRPOConfig", "NFTConfig", "DDPOConfig", "load_config"
 
 ADVANTAGES = ("group", "win_rate")          # GRPOConfig.advantage (diffrl.trainers.advantage)
 AGGREGATIONS = ("sum", "per_reward")        # GRPOConfig.reward_aggregation
+WINDOW_MOVES = ("fixed", "random", "slide")  # GRPOConfig.sde_window_move
 
 
 def _need(cond: bool, msg: str) -> None:
@@ -48,6 +49,8 @@ class TrainConfig:
     group_size: int = 4
     sample_batch_size: int = 8           # images per sampler call
     same_initial_noise: bool = False     # a group's images start from one initial latent (DanceGRPO)
+    share_prefix: bool = False           # with same_initial_noise: the steps before the first stochastic one
+                                         # run once per prompt, the group branches there (Flow-GRPO-Fast)
     # PPO
     inner_epochs: int = 1
     train_batch_size: int = 4            # samples per optimiser minibatch
@@ -102,6 +105,8 @@ class TrainConfig:
         _need(self.lr_scheduler in ("constant", "linear", "cosine"),
               f"lr_scheduler must be constant, linear or cosine, got {self.lr_scheduler!r}")
         _need(self.lr_warmup_steps >= 0, f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
+        _need(not self.share_prefix or self.same_initial_noise,
+              "share_prefix needs same_initial_noise: true (a group shares its prefix only from one start)")
         _need(self.clip_range > 0, "clip_range must be > 0")
         _need(self.kl_coef >= 0, "kl_coef must be >= 0")
         _need(self.adv_std in ("group", "global", "none"),
@@ -125,6 +130,8 @@ class GRPOConfig(TrainConfig):
     noise_level: float = 0.7
     sde_type: str = "sde"                # sde | cps
     sde_window: list[int] = field(default_factory=list)  # [start, end) of stochastic steps; empty: all
+    sde_window_move: str = "fixed"       # fixed | random (a start per epoch, Flow-GRPO-Fast) | slide (MixGRPO)
+    sde_window_slide_every: int = 1      # slide: epochs per one-step move of the window (it wraps at the end)
     # advantages (diffrl.trainers.advantage)
     advantage: str = "group"             # group | win_rate (Pref-GRPO: win rate in the group, then normalised)
     reward_aggregation: str = "sum"      # sum | per_reward (each reward normalised in its group, then summed)
@@ -145,6 +152,12 @@ class GRPOConfig(TrainConfig):
             a, b = self.sde_window
             _need(0 <= a < b <= self.num_inference_steps,
                   f"sde_window {self.sde_window} must satisfy 0 <= start < end <= num_inference_steps")
+        _need(self.sde_window_move in WINDOW_MOVES,
+              f"sde_window_move must be one of {', '.join(WINDOW_MOVES)}, got {self.sde_window_move!r}")
+        _need(self.sde_window_move == "fixed" or bool(self.sde_window),
+              f"sde_window_move: {self.sde_window_move} moves a window: set sde_window: [start, end] (its first "
+              "position and size)")
+        _need(self.sde_window_slide_every >= 1, f"sde_window_slide_every must be >= 1, got {self.sde_window_slide_every}")
         recorded = (self.sde_window[1] - self.sde_window[0]) if self.sde_window else self.num_inference_steps
         _need(not self.step_weights or len(self.step_weights) == recorded,
               f"step_weights needs one weight per recorded (stochastic) step: {recorded}, got {len(self.step_weights)}")

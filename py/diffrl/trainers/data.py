@@ -54,6 +54,7 @@ class RolloutSource:
             raise ValueError(f"prompts_per_epoch={cfg.prompts_per_epoch} gives rank {tr.rank} of {tr.world} "
                              "no prompts; use at least one prompt per process")
         per_call = max(1, cfg.sample_batch_size // cfg.group_size)
+        window = tr.sampling_window(epoch)
         parts = []
         for c, i in enumerate(range(0, len(prompts), per_call)):
             gen = tr._generator(epoch, 1, tr.rank, c)
@@ -62,7 +63,7 @@ class RolloutSource:
                     prompts[i:i + per_call], num_images_per_prompt=cfg.group_size,
                     num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                     height=cfg.resolution, width=cfg.resolution, generator=gen, group_ids=gids[i:i + per_call],
-                    same_initial_noise=cfg.same_initial_noise,
+                    same_initial_noise=cfg.same_initial_noise, share_prefix=cfg.share_prefix, sde_steps=window,
                     keep_final_latents=tr.objective_class.keep_final_latents))
         return Rollout.cat(parts)
 
@@ -92,6 +93,9 @@ class RolloutSource:
             if k != "reward" and isinstance(v, torch.Tensor):
                 rec[f"reward/{k}"] = float(gather_rewards(v.to(tr.device), gids)[0].mean())
         rec.update(time_sample=t1 - t0, time_reward=t2 - t1, samples=len(all_rewards))
+        window = tr.sampling_window(epoch)
+        if window != "default":  # a moving window: where it was this epoch
+            rec["sde_window_start"] = window[0]
         if not bool(torch.isfinite(all_rewards).all()):  # advantages of non-finite rewards mean nothing
             return EpochData(rollout, None, rec)
         tensors = {k: v.to(tr.device) for k, v in heads.items() if isinstance(v, torch.Tensor)}

@@ -1,7 +1,8 @@
 """``GRPOTrainer``: Flow-GRPO on a flow-matching pipeline (SD3 / SD3.5, FLUX.1).
 
 SDE sampling through ``FlowSDESampler`` (``noise_level``, ``sde_type``; ``sde_window`` makes only
-steps ``[start, end)`` stochastic and trained, as MixGRPO / Flow-GRPO-Fast), advantages normalised
+steps ``[start, end)`` stochastic and trained, as MixGRPO / Flow-GRPO-Fast; ``sde_window_move`` moves it per
+epoch, ``share_prefix`` with ``same_initial_noise`` runs a group's steps before it once), advantages normalised
 within each prompt's group across all ranks (``adv_std``, ``adv_clip``; ``advantage: win_rate`` and
 ``reward_aggregation: per_reward``: :mod:`diffrl.trainers.advantage`).
 """
@@ -42,6 +43,22 @@ class GRPOTrainer(BaseTrainer):
         cfg = self.config
         window = tuple(cfg.sde_window) if cfg.sde_window else None
         return FlowSDESampler(pipe, noise_level=cfg.noise_level, sde_type=cfg.sde_type, sde_steps=window)
+
+    def sampling_window(self, epoch: int):
+        """The stochastic steps of ``epoch``'s rollouts: ``sde_window`` where it is fixed; moved per epoch by
+        ``sde_window_move``: ``random`` draws its start uniformly from the epoch's generator (the same on
+        every rank), ``slide`` moves it one step every ``sde_window_slide_every`` epochs from its configured
+        start, wrapping to 0 after the last position."""
+        cfg = self.config
+        if cfg.sde_window_move == "fixed":
+            return "default"
+        start, end = cfg.sde_window
+        size, positions = end - start, cfg.num_inference_steps - (end - start) + 1
+        if cfg.sde_window_move == "random":
+            start = int(torch.randint(positions, (), generator=self._generator(epoch, 3)))
+        else:
+            start = (start + epoch // cfg.sde_window_slide_every) % positions
+        return (start, start + size)
 
     def compute_advantages(self, rewards, group_ids, prompts, heads=None, rollout=None):
         from diffrl.trainers.advantage import grpo_advantages  # noqa: PLC0415
