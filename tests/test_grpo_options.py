@@ -185,8 +185,8 @@ def test_moving_window_positions_and_errors(tmp_path):
     slide = GRPOTrainer(load_config(GRPOConfig, base={**base, "sde_window_move": "slide",
                                                       "sde_window_slide_every": every}), progress=False)
     positions = T - size + 1
-    for e in range(3 * positions * every):
-        s = (1 + e // every) % positions
+    for e in range(1, 3 * positions * every):  # epochs count from 1: the configured start first
+        s = (1 + (e - 1) // every) % positions
         assert slide.sampling_window(e) == (s, s + size)
     seed = int(torch.randint(1 << 20, ()))
     rnd = GRPOTrainer(load_config(GRPOConfig, base={**base, "sde_window_move": "random", "seed": seed}),

@@ -137,3 +137,48 @@ def test_group_noise_shares_t_and_noise_within_each_group_only(tmp_path, group_n
                     assert same_t and same_eps, (i, j)
                 else:  # fresh draws: equal only by an astronomically unlikely chance
                     assert not same_t and not same_eps, (i, j)
+
+
+def test_ema_old_policy_samples_and_anchors_with_the_ema_and_resumes(tmp_path):
+    """nft_old_policy: ema: every epoch samples (and evaluates v_old) with old_e, where old_0 = the initial
+    weights and old_{e+1} = d_e old_e + (1 - d_e) trained_{e+1} (the ramped decay); a resume restores it."""
+    d_max, ramp = float(torch.rand(()) * 0.5 + 0.3), 2
+    over = dict(nft_old_policy="ema", nft_old_decay=d_max, nft_old_decay_ramp=ramp, epochs=3, save_every=1)
+    tr = NFTTrainer(_config(tmp_path / "a", **over), progress=False)
+    names = list(tr.trainable)
+    at_sampling, after_epoch = [], []
+    real_sample, real_epoch = tr.sampler.sample, NFTTrainer.train_epoch
+
+    def spy_sample(*a, **kw):
+        at_sampling.append({n: tr.trainable[n].detach().double().clone() for n in names})
+        return real_sample(*a, **kw)
+
+    def spy_epoch(self, *a, **kw):
+        res = real_epoch(self, *a, **kw)
+        after_epoch.append({n: self.trainable[n].detach().double().clone() for n in names})
+        return res
+
+    tr.sampler.sample = spy_sample
+    tr.train_epoch = spy_epoch.__get__(tr)
+    initial = {n: tr.trainable[n].detach().double().clone() for n in names}
+    recs = tr.train()
+    old = initial
+    for e in range(3):
+        for n in names:  # float32 storage of the EMA: compare at float32 rounding
+            torch.testing.assert_close(at_sampling[e][n], old[n], rtol=1e-6, atol=1e-7)
+        d = d_max * min(1.0, (e + 1) / ramp)  # after epoch e + 1 (epochs count from 1)
+        assert recs[e]["old_policy_decay"] == pytest.approx(d)
+        old = {n: d * old[n] + (1 - d) * after_epoch[e][n] for n in names}
+    assert not torch.equal(at_sampling[2][names[0]], after_epoch[1][names[0]])  # off-policy: not the trained
+    # the trained weights are back in place after each sampling
+    assert all(torch.equal(tr.trainable[n].detach().double(), after_epoch[2][n]) for n in names)
+    # exact resume of the old policy
+    NFTTrainer(_config(tmp_path / "b", **{**over, "epochs": 2}), progress=False).train()
+    resumed = NFTTrainer(_config(tmp_path / "b", **over), resume=True, progress=False)
+    (rec,) = resumed.train()
+    assert rec["loss"] == recs[2]["loss"]
+    assert all(torch.equal(resumed.old_policy[n], tr.old_policy[n]) for n in names)
+    for bad, match in (({"nft_old_policy": "lagged"}, "nft_old_policy"), ({"nft_old_decay": 1.0}, "nft_old_decay"),
+                       ({"nft_old_decay_ramp": -1}, "nft_old_decay_ramp")):
+        with pytest.raises(ValueError, match=match):
+            _config(tmp_path, **bad)

@@ -170,8 +170,10 @@ class BaseTrainer:
             self.reference = _AdaptersOff(raw)
         # EMA of the trained weights (float32 copies), updated after every optimizer step; under ZeRO-3 of
         # this rank's partitions, under FSDP of its shards
-        self.ema = ({n: par.local(p).detach().float().clone() for n, p in self.trainable.items()}
-                    if cfg.ema_decay > 0 else None)
+        self.ema = self.copy_weights() if cfg.ema_decay > 0 else None
+        # float32 copies of the trained weights that checkpoints keep (by name) and resumes restore
+        self.weight_copies: dict[str, dict[str, torch.Tensor]] = {"ema": self.ema} if self.ema is not None else {}
+        self.weight_copies.update(self.extra_weight_copies())
         self.reward_fn = reward if reward is not None else self._build_reward()
         self.sampler = self.make_sampler(self.pipe)
         self.objective = self.objective_class(self)
@@ -288,6 +290,11 @@ class BaseTrainer:
     def extra_state(self) -> dict:
         return {}
 
+    def extra_weight_copies(self) -> dict[str, dict[str, torch.Tensor]]:
+        """A trainer's own named copies of the trained weights (from :meth:`copy_weights`), made before a
+        resume so that checkpoints keep and restore them like the EMA."""
+        return {}
+
     def load_extra_state(self, states: dict) -> None:
         pass
 
@@ -395,19 +402,32 @@ class BaseTrainer:
         for n, p in self.trainable.items():
             self.ema[n].mul_(d).add_(self.parallel.local(p).detach().float(), alpha=1 - d)
 
-    @contextlib.contextmanager
+    def copy_weights(self) -> dict[str, torch.Tensor]:
+        """A float32 copy of this rank's parts of the trained weights (ZeRO-3: partitions; FSDP: shards)."""
+        return {n: self.parallel.local(p).detach().float().clone() for n, p in self.trainable.items()}
+
     def ema_weights(self):
         """The EMA of the trained weights in place of the trained ones for the duration of the block
         (evaluation, export); the trained weights are put back after it. Needs ``ema_decay > 0``."""
         if self.ema is None:
             raise ValueError("ema_weights() needs a run with ema_decay > 0")
+        return self.weights_of(self.ema)
+
+    def sampling_weights(self):
+        """The weights the rollouts are sampled with, for the block (default: the trained ones, as they are)."""
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def weights_of(self, copy: dict[str, torch.Tensor]):
+        """``copy`` (from :meth:`copy_weights`) in place of the trained weights for the block; the trained
+        weights are put back after it."""
         local = self.parallel.local
         saved = {n: local(p).detach().clone() for n, p in self.trainable.items()}
         try:
             self._reshard()
             with torch.no_grad():
                 for n, p in self.trainable.items():
-                    local(p).copy_(self.ema[n].to(p.dtype))
+                    local(p).copy_(copy[n].to(p.dtype))
             yield self
         finally:
             self._reshard()
@@ -523,11 +543,10 @@ class BaseTrainer:
         if main or self.parallel.collective_checkpoint:  # (FSDP / ZeRO: every rank joins the gathers)
             weights = self.trained_weights()
             optimizer = self.parallel.optimizer_state(self.optimizer, list(self.trainable.values()))
-            ema = self.parallel.whole(self.ema, params=self.trainable) if self.ema is not None else None
+            copies = {k: self.parallel.whole(c, params=self.trainable) for k, c in self.weight_copies.items()}
         if main:
-            states = {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler.state_dict(), **self.extra_state()}
-            if ema is not None:
-                states["ema"] = ema
+            states = {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler.state_dict(), **self.extra_state(),
+                      **copies}
             meta = {"global_step": self.global_step, "nonfinite_streak": self.nonfinite_streak, "trainer": self.kind,
                     "use_lora": self.config.use_lora, "config": config_to_dict(self.config)}
             path = save_checkpoint(self.ckpt_dir, self.epoch, weights=weights, states=states,
@@ -558,12 +577,12 @@ class BaseTrainer:
                              f"saved), config has lr_scheduler={self.config.lr_scheduler!r}; resume it with "
                              "lr_scheduler=constant and lr_warmup_steps=0")
         self.load_extra_state(ck["states"])
-        if self.ema is not None:
-            if "ema" not in ck["states"]:
-                raise ValueError(f"{path}: config has ema_decay > 0 but the checkpoint has no EMA weights")
-            for n, t in ck["states"]["ema"].items():
-                p = self.trainable[n]
-                self.ema[n].copy_(self.parallel.cut(t, p, self.ema[n]))
+        for key, copy in self.weight_copies.items():
+            if key not in ck["states"]:
+                what = "ema_decay > 0" if key == "ema" else f"a {key!r} weight copy"
+                raise ValueError(f"{path}: config has {what} but the checkpoint has no {key!r} weights")
+            for n, t in ck["states"][key].items():
+                copy[n].copy_(self.parallel.cut(t, self.trainable[n], copy[n]))
         self.epoch = int(meta["epoch"])
         self.global_step = int(meta.get("global_step", 0))
         self.nonfinite_streak = int(meta.get("nonfinite_streak", 0))

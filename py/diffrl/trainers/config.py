@@ -177,6 +177,10 @@ class NFTConfig(GRPOConfig):
                                          # anchor the update to the sampling policy, a trust region)
     nft_group_noise: bool = False        # one noise level and draw per group (common random numbers: the
                                          # group's advantage-weighted sum then cancels the noise's part)
+    nft_old_policy: str = "current"      # current: sample with the trained weights | ema: with an EMA of them
+                                         # (DiffusionNFT's off-policy sampler, also the loss's 'old' policy)
+    nft_old_decay: float = 0.5           # ema: old <- d old + (1 - d) trained, after each epoch's updates
+    nft_old_decay_ramp: int = 0          # ema: d grows linearly from 0 to nft_old_decay over this many epochs
 
     def validate(self) -> None:
         super().validate()
@@ -186,6 +190,10 @@ class NFTConfig(GRPOConfig):
               f"nft_negative_weight must be in [0, 1], got {self.nft_negative_weight}")
         _need(self.kl_coef == 0, "kl_coef is not supported by the nft trainer (nft_beta bounds each update instead)")
         _need(not self.step_weights, "step_weights do not apply to the nft trainer (its loss has no sampling steps)")
+        _need(self.nft_old_policy in ("current", "ema"),
+              f"nft_old_policy must be current or ema, got {self.nft_old_policy!r}")
+        _need(0.0 <= self.nft_old_decay < 1.0, f"nft_old_decay must be in [0, 1), got {self.nft_old_decay}")
+        _need(self.nft_old_decay_ramp >= 0, f"nft_old_decay_ramp must be >= 0, got {self.nft_old_decay_ramp}")
 
 
 @dataclass

@@ -58,7 +58,7 @@ class RolloutSource:
         parts = []
         for c, i in enumerate(range(0, len(prompts), per_call)):
             gen = tr._generator(epoch, 1, tr.rank, c)
-            with torch.no_grad(), tr.accelerator.autocast():
+            with torch.no_grad(), tr.accelerator.autocast(), tr.sampling_weights():
                 parts.append(tr.sampler.sample(
                     prompts[i:i + per_call], num_images_per_prompt=cfg.group_size,
                     num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,

@@ -57,7 +57,7 @@ class GRPOTrainer(BaseTrainer):
         if cfg.sde_window_move == "random":
             start = int(torch.randint(positions, (), generator=self._generator(epoch, 3)))
         else:
-            start = (start + epoch // cfg.sde_window_slide_every) % positions
+            start = (start + (epoch - 1) // cfg.sde_window_slide_every) % positions  # epochs count from 1
         return (start, start + size)
 
     def compute_advantages(self, rewards, group_ids, prompts, heads=None, rollout=None):

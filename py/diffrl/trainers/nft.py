@@ -29,9 +29,15 @@ and the others hold the update near the sampling policy.
 ``nft_group_noise``: one noise level and noise draw per group instead of per sample (common random
 numbers), so that the part of each sample's loss that comes from the noise draw cancels in the group's
 advantage-weighted sum.
+``nft_old_policy: ema`` (DiffusionNFT's off-policy option): the rollouts are sampled, and ``v_old`` is
+evaluated, with an EMA of the trained weights, ``old <- d old + (1 - d) trained`` after each epoch's
+updates (``d`` = ``nft_old_decay``, ramped linearly from 0 over ``nft_old_decay_ramp`` epochs); it starts
+at the initial weights, and checkpoints keep it (``"nft_old_policy"``) for an exact resume.
 """
 
 from __future__ import annotations
+
+import torch
 
 from diffrl.trainers.grpo import GRPOTrainer
 from diffrl.trainers.objectives import NFTObjective
@@ -43,3 +49,30 @@ class NFTTrainer(GRPOTrainer):
     """GRPO's sampler and advantages, NFT's objective (:class:`diffrl.trainers.objectives.NFTObjective`)."""
 
     objective_class = NFTObjective
+
+    old_policy = None  # nft_old_policy: ema: float32 copy of the sampling ('old') weights
+
+    def extra_weight_copies(self):
+        if self.config.nft_old_policy != "ema":
+            return {}
+        self.old_policy = self.copy_weights()  # the initial weights (a resume overwrites them)
+        return {"nft_old_policy": self.old_policy}
+
+    def sampling_weights(self):
+        return super().sampling_weights() if self.old_policy is None else self.weights_of(self.old_policy)
+
+    def old_decay(self, epoch: int) -> float:
+        """The old policy's EMA decay after epoch ``epoch`` (1-based, as the loop counts)."""
+        cfg = self.config
+        ramp = cfg.nft_old_decay_ramp
+        return cfg.nft_old_decay if ramp == 0 else cfg.nft_old_decay * min(1.0, epoch / ramp)
+
+    def train_epoch(self, epoch, batch, advantages):
+        res = super().train_epoch(epoch, batch, advantages)
+        if self.old_policy is not None:
+            d = self.old_decay(epoch)
+            with torch.no_grad():
+                for n, p in self.trainable.items():
+                    self.old_policy[n].mul_(d).add_(self.parallel.local(p).detach().float(), alpha=1 - d)
+            res["old_policy_decay"] = d
+        return res

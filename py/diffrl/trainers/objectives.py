@@ -140,7 +140,7 @@ class NFTObjective(Objective):
             tt = t.view(-1, *[1] * (x0.dim() - 1))
             x_t = (1 - tt) * x0 + tt * eps
             x_old = torch.empty_like(x0)
-            with torch.no_grad(), tr.accelerator.autocast():
+            with torch.no_grad(), tr.accelerator.autocast(), tr.sampling_weights():
                 for idx in perm.split(cfg.train_batch_size):
                     d = idx.to(x0.device)
                     v = self.velocity(tr.model, batch[idx], x_t[d], t[d] * num_train)
