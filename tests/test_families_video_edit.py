@@ -186,6 +186,8 @@ def test_frame_wise_bad_inputs():
         fw(torch.rand(2, 3, 3, 8, 8) * 255, ["a", "b"])
     with pytest.raises(ValueError, match="reduce"):
         FrameWise(_Redness(), reduce="median")
+    with pytest.raises(ValueError, match="wrap the reward in diffrl.rewards.FrameWise"):
+        JpegIncompressibility()(torch.rand(2, 3, 3, 8, 8), ["a", "b"])
     with pytest.raises(ValueError, match="one value per frame"):
         FrameWise(lambda im, p, g=None: {"reward": torch.zeros(1)})(torch.rand(2, 3, 3, 8, 8), ["a", "b"])
 
@@ -312,12 +314,17 @@ def _lora(tr):
 @pytest.mark.parametrize("kind", ["grpo", "nft"])
 def test_trainers_train_wan_with_a_frame_wise_reward(tmp_path, kind):
     reward = FrameWise(JpegIncompressibility())
-    tr = _grpo(tmp_path, tiny_wan(seed=7), reward, kind, guidance_scale=4.0)
+    tr = _grpo(tmp_path, tiny_wan(seed=7), reward, kind, guidance_scale=4.0, eval_every=1,
+               eval_prompts=["a cat"])
     tr.sampler.adapter.set_option_defaults(num_frames=5, max_sequence_length=16)
     before = _lora(tr)
     (rec,) = tr.train(1)
     assert rec["optimizer_steps"] >= 1 and not rec["nonfinite"] and rec["reward/jpeg_kb"] > 0
     assert any(not torch.equal(before[n], p) for n, p in _lora(tr).items())
+    from PIL import Image
+
+    with Image.open(tmp_path / "grids" / "epoch-000001.png") as grid:  # the 5 frames side by side
+        assert grid.size == (5 * 32, 32)
     with pytest.raises(ValueError, match="4 k \\+ 1"):
         tr.sampler.adapter.set_option_defaults(num_frames=6)
 
@@ -340,7 +347,8 @@ def test_grpo_trains_kontext_with_a_reward_reading_the_condition_image(tmp_path)
     assert accepts_condition_images(lambda images, prompts, **kw: None)
     tr = _grpo(tmp_path, tiny_kontext(seed=7), reward, guidance_scale=3.5)
     image = torch.rand(3, 32, 32, generator=_gen(8))
-    tr.sampler.adapter.set_option_defaults(image=image, auto_resize=False, max_sequence_length=16)
+    tr.sampler.adapter.set_option_defaults(auto_resize=False, max_sequence_length=16)
+    tr.sampler.adapter.set_option_defaults(image=image)
     before = _lora(tr)
     (rec,) = tr.train(1)
     assert rec["optimizer_steps"] >= 1 and not rec["nonfinite"]

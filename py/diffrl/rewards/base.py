@@ -61,7 +61,8 @@ def check_inputs(images, prompts, group_ids=None, *, range_slack: float = 1e-3, 
     if not images.is_floating_point():
         raise TypeError(f"{name}: images must be floating point in [0, 1], got dtype {images.dtype}")
     if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"{name}: images must be [B, 3, H, W], got shape {tuple(images.shape)}")
+        hint = " (videos [B, 3, F, H, W]: wrap the reward in diffrl.rewards.FrameWise)" if images.dim() == 5 else ""
+        raise ValueError(f"{name}: images must be [B, 3, H, W], got shape {tuple(images.shape)}{hint}")
     B = images.shape[0]
     if B == 0:
         raise ValueError(f"{name}: empty batch (images has shape {tuple(images.shape)})")

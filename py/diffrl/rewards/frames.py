@@ -13,7 +13,8 @@ class FrameWise(Reward):
     """Score videos ``[B, 3, F, H, W]`` (what a video family such as Wan decodes) with an image reward:
     each of the ``B F`` frames is scored with its video's prompt (and group id), then every head is
     reduced over the frames (``reduce``: ``"mean"``, ``"min"`` or ``"max"``). The heads are the image
-    reward's. Images ``[B, 3, H, W]`` are an error (use the image reward itself)."""
+    reward's. Images ``[B, 3, H, W]`` are an error (use the image reward itself). To combine rewards,
+    wrap the combination: ``FrameWise(MultiReward({...}))`` (a MultiReward checks for images)."""
 
     def __init__(self, reward, reduce: str = "mean"):
         if not callable(reward):

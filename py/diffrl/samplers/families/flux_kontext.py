@@ -29,14 +29,6 @@ class FluxKontextAdapter(FluxAdapter):
     options = {"image": None, "max_sequence_length": 512, "true_cfg_scale": 1.0, "auto_resize": True}
     per_prompt_options = ("image",)
 
-    def check_options(self, options):
-        options = super().check_options(options)
-        if options["image"] is None:
-            raise ValueError(f"{type(self.pipe).__name__} edits an input image: pass image= (a PIL image or a "
-                             "[3, H, W] float tensor in [0, 1] for every prompt, one per prompt, or a mapping "
-                             "prompt -> image)")
-        return options
-
     # ---- the input image -----------------------------------------------------------------------
 
     def _images_for(self, image, prompts):
@@ -88,6 +80,10 @@ class FluxKontextAdapter(FluxAdapter):
     # ---- the pieces of a rollout -----------------------------------------------------------------
 
     def encode(self, prompts, negative_prompts, do_cfg, options, height, width):
+        if options["image"] is None:
+            raise ValueError(f"{type(self.pipe).__name__} edits an input image: pass image= (a PIL image or a "
+                             "[3, H, W] float tensor in [0, 1] for every prompt, one per prompt, or a mapping "
+                             "prompt -> image)")
         cond, uncond, shared = super().encode(prompts, negative_prompts, do_cfg, options, height, width)
         pipe, P = self.pipe, len(prompts)
         pixels = self._preprocess(self._images_for(options["image"], prompts), options["auto_resize"])
