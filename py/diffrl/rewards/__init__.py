@@ -1,10 +1,13 @@
 """Reward functions for RL fine-tuning: callables ``reward(images, prompts, group_ids=None)`` that return a
-dict of float32 [B] tensors, with the training signal under "reward"."""
+dict of float32 [B] tensors, with the training signal under "reward". ``FrameWise`` scores videos with an
+image reward; a reward whose signature takes ``condition_images`` also gets an editing family's input
+images (see ``diffrl.rewards.base``)."""
 
-from diffrl.rewards.base import MultiReward, Reward, check_inputs
+from diffrl.rewards.base import MultiReward, Reward, accepts_condition_images, check_inputs
 from diffrl.rewards.clip import AestheticScore, CLIPScore, PickScore
+from diffrl.rewards.frames import FrameWise
 from diffrl.rewards.jpeg import JpegCompressibility, JpegIncompressibility
 from diffrl.rewards.shapes import ShapesReward
 
 __all__ = ["ShapesReward", "Reward", "MultiReward", "check_inputs", "JpegCompressibility", "JpegIncompressibility",
-           "CLIPScore", "PickScore", "AestheticScore"]
+           "CLIPScore", "PickScore", "AestheticScore", "FrameWise", "accepts_condition_images"]

@@ -5,10 +5,16 @@ A reward is a callable ``reward(images, prompts, group_ids=None) -> dict[str, Te
 strings, ``group_ids`` optional ints [B] (which images share a prompt's group). The key
 ``"reward"`` holds the score a trainer optimises; other keys are heads worth logging. Values are
 float32 [B] on the images' device.
+
+Editing (FLUX.1-Kontext): a reward whose call signature has a ``condition_images`` parameter (or
+``**kwargs``) is also given the input image of each sample, ``condition_images`` float [B, 3, h, w]
+in [0, 1] as the model saw it (``Rollout.condition_images``); other rewards are called as above.
+Video families decode to ``[B, 3, F, H, W]``: score them with ``FrameWise(image_reward)``.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 
@@ -38,6 +44,16 @@ class Reward:
         raise NotImplementedError
 
 
+def accepts_condition_images(reward) -> bool:
+    """Whether ``reward`` takes the ``condition_images`` keyword (named, or through ``**kwargs``)."""
+    try:
+        params = inspect.signature(reward).parameters.values()
+    except (TypeError, ValueError):  # a callable without an inspectable signature
+        return False
+    return any((p.name == "condition_images" and p.kind is not p.POSITIONAL_ONLY) or p.kind is p.VAR_KEYWORD
+               for p in params)
+
+
 def check_inputs(images, prompts, group_ids=None, *, range_slack: float = 1e-3, name: str = "reward"):
     """(images, prompts, group_ids) checked and normalised, or a clear TypeError/ValueError."""
     if not isinstance(images, torch.Tensor):
@@ -45,7 +61,8 @@ def check_inputs(images, prompts, group_ids=None, *, range_slack: float = 1e-3, 
     if not images.is_floating_point():
         raise TypeError(f"{name}: images must be floating point in [0, 1], got dtype {images.dtype}")
     if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"{name}: images must be [B, 3, H, W], got shape {tuple(images.shape)}")
+        hint = " (videos [B, 3, F, H, W]: wrap the reward in diffrl.rewards.FrameWise)" if images.dim() == 5 else ""
+        raise ValueError(f"{name}: images must be [B, 3, H, W], got shape {tuple(images.shape)}{hint}")
     B = images.shape[0]
     if B == 0:
         raise ValueError(f"{name}: empty batch (images has shape {tuple(images.shape)})")

@@ -341,6 +341,8 @@ class BaseSampler:
             G, T = call.G, call.T
             height, width, options, w = call.height, call.width, call.options, call.cfg_weight
             cond, uncond, shared, embed_index = self._encode_prompts(call)
+            # an editing family's input images, one per embedding row: per sample into the rollout
+            condition_images = shared.pop("condition_images", None)
             emb = self.model_batch({k: v[embed_index] for k, v in cond.items()},
                                    None if uncond is None else {k: v[embed_index] for k, v in uncond.items()})
             lat = self._initial_latents(call, generator, latents, same_initial_noise, shared)
@@ -389,6 +391,7 @@ class BaseSampler:
             guidance_scale=w,
             latent_positions=tuple(positions),
             info=info,
+            condition_images=None if condition_images is None else condition_images[embed_index],
         )
 
     def _check_call(self, prompts, G, T, guidance_scale, height, width, negative_prompt, generator, group_ids,
@@ -438,13 +441,17 @@ class BaseSampler:
         with ``embed_index`` ``[B]`` the row of each sample."""
         ad = self.adapter
         P, negatives = call.P, call.negatives
+        # an option given per prompt (an editing family's input images) makes each prompt its own row,
+        # so that encode sees the option's entries aligned with its prompts
+        per_prompt = any(call.options.get(n) is not None for n in ad.per_prompt_options)
+        keys = list(zip(call.prompts, negatives or [None] * P, range(P) if per_prompt else [None] * P))
         table: dict[tuple, int] = {}
-        for key in zip(call.prompts, negatives or [None] * P):
+        for key in keys:
             table.setdefault(key, len(table))
-        rows = torch.tensor([table[k] for k in zip(call.prompts, negatives or [None] * P)], dtype=torch.long)
+        rows = torch.tensor([table[k] for k in keys], dtype=torch.long)
         distinct = list(table)
-        cond, uncond, shared = ad.encode([p for p, _ in distinct],
-                                         None if negatives is None else [n for _, n in distinct],
+        cond, uncond, shared = ad.encode([p for p, _, _ in distinct],
+                                         None if negatives is None else [n for _, n, _ in distinct],
                                          call.cfg_weight is not None, call.options, call.height, call.width)
         g_embed = ad.guidance_embedding(call.guidance_scale)
         if g_embed is not None:

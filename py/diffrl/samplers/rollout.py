@@ -32,9 +32,13 @@ class Rollout:
 
     Per sample (dim 0 is the batch, ``B``):
 
-    ``images``        ``[B, 3, H, W]`` float32 in [0, 1] (None when sampled with ``decode=False``)
+    ``images``        ``[B, 3, H, W]`` float32 in [0, 1] (None when sampled with ``decode=False``); a video
+                      family's are videos ``[B, 3, F, H, W]``
     ``latents``       ``[B, K, ...]`` the stored trajectory states (latent layout of the model; packed
-                      ``[tokens, channels]`` for FLUX), float32
+                      ``[tokens, channels]`` for FLUX, ``[C, F, H, W]`` for Wan), float32
+    ``condition_images``  ``[B, 3, h, w]`` float32 in [0, 1]: an editing family's input image of each
+                      sample, as the model saw it (resized); None for text-to-image / text-to-video.
+                      The model reads its latents from ``cond``; this copy is for rewards
     ``log_probs``     ``[B, S]`` float32: log-prob of recorded step j (``reduce`` of the sampler)
     ``group_ids``     ``[B]`` int64: one id per prompt of the ``sample`` call (the GRPO group)
     ``embed_index``   ``[B]`` int64: row of the sample's prompt in the embedding tables
@@ -73,9 +77,10 @@ class Rollout:
     guidance_scale: float | None
     latent_positions: tuple[int, ...]
     info: dict = field(default_factory=dict)
+    condition_images: torch.Tensor | None = None
 
     # per-sample fields (indexed, split and concatenated along dim 0)
-    _PER_SAMPLE = ("images", "latents", "log_probs", "group_ids", "embed_index")
+    _PER_SAMPLE = ("images", "latents", "log_probs", "group_ids", "embed_index", "condition_images")
 
     def __repr__(self) -> str:  # the dataclass repr would print every tensor
         lat = "x".join(map(str, self.latents.shape))

@@ -590,7 +590,8 @@ class BaseTrainer:
     # ---- image grids -----------------------------------------------------------------------------
 
     def save_grid(self, epoch: int) -> Path | None:
-        """One image per eval prompt, same noise every time, as ``<output_dir>/grids/epoch-NNNNNN.png``."""
+        """One image per eval prompt, same noise every time, as ``<output_dir>/grids/epoch-NNNNNN.png``
+        (a video: its frames side by side)."""
         if not self.accelerator.is_main_process and not self.parallel.partitioned:  # (FSDP, ZeRO-3: all ranks join)
             return None
         from PIL import Image  # noqa: PLC0415
@@ -603,7 +604,11 @@ class BaseTrainer:
                                     generator=torch.Generator().manual_seed(cfg.seed))
         if not self.accelerator.is_main_process:
             return None
-        imgs = (r.images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        images = r.images
+        if images.dim() == 5:  # videos [B, 3, F, H, W]: the frames in a row, [B, 3, H, F W]
+            b, c, f, h, w = images.shape
+            images = images.permute(0, 1, 3, 2, 4).reshape(b, c, h, f * w)
+        imgs = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         n = len(imgs)
         cols = min(n, 4)
         rows = (n + cols - 1) // cols

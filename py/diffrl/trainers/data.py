@@ -68,8 +68,14 @@ class RolloutSource:
         return Rollout.cat(parts)
 
     def score(self, rollout) -> dict[str, torch.Tensor]:
+        from diffrl.rewards.base import accepts_condition_images  # noqa: PLC0415
+
+        reward_fn, kw = self.trainer.reward_fn, {}
+        # an editing family's input images, for the rewards that take them (diffrl.rewards.base)
+        if getattr(rollout, "condition_images", None) is not None and accepts_condition_images(reward_fn):
+            kw["condition_images"] = rollout.condition_images
         with torch.no_grad():
-            out = self.trainer.reward_fn(rollout.images, rollout.prompts)
+            out = reward_fn(rollout.images, rollout.prompts, **kw)
         if not isinstance(out, dict) or "reward" not in out:
             raise TypeError("a reward must return a dict with a 'reward' entry")
         return {k: v.detach().float().reshape(len(rollout), -1).mean(1) if isinstance(v, torch.Tensor) else v

@@ -7,7 +7,8 @@ sampler with its noise turned off reproduces the pipeline. The shared loop
 (``diffrl.samplers.base``) never looks inside a pipeline; it talks to an adapter.
 
 One module per family: ``sd`` (SD 1.x/2.x), ``sdxl``, ``sd3`` (SD3/3.5), ``flux`` (FLUX.1),
-``shapes`` (diffrl's built-in model). ``docs/adding-a-family.md`` walks through adding one.
+``flux_kontext`` (FLUX.1-Kontext editing), ``wan`` (Wan 2.x text-to-video), ``shapes`` (diffrl's
+built-in model). ``docs/adding-a-family.md`` walks through adding one.
 
 The contract
 ------------
@@ -51,6 +52,16 @@ Hooks with a default that fits most families (override where a family differs):
   the inverse of ``decode`` (the VAE's posterior mean), for trainers that start from given images
   (Diffusion-DPO's preferred/rejected pairs); families override ``latents_from_vae`` (the inverse of
   their latent scaling) rather than this.
+
+Editing families (FLUX.1-Kontext) take their input image as an option listed in
+``per_prompt_options`` (then ``encode`` gets one prompt per row, aligned with a per-prompt list), put
+the image latents the model reads in ``cond`` / ``uncond`` (one row per prompt, so minibatches and
+``Rollout.cat`` carry them), and put the images themselves, ``[P, 3, h, w]`` in [0, 1] as the model
+saw them, in ``shared["condition_images"]``: the loop moves them into the rollout's per-sample
+``condition_images``, which trainers hand to rewards that take a ``condition_images`` keyword.
+
+``set_option_defaults(**options)`` changes an adapter's option defaults (a trainer's sampler is
+called without family options: ``trainer.sampler.adapter.set_option_defaults(num_frames=5)``).
 
 Class attributes: ``kind`` (``"flow"`` for FlowSDESampler, ``"ddim"`` for DDIMSampler), ``family``,
 ``model_attr`` (the pipeline attribute holding the denoiser), ``options``.
@@ -107,6 +118,9 @@ class Adapter:
     options: dict = {}
     #: the loop may fuse CFG as ``v_uncond + w (v_cond - v_uncond)`` into the step (else: ``guide``)
     linear_cfg: bool = True
+    #: options holding one entry per prompt (an editing family's input images): when one is given,
+    #: every prompt gets its own embedding row, so ``encode``'s prompts line up with its entries
+    per_prompt_options: tuple[str, ...] = ()
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -160,6 +174,11 @@ class Adapter:
             raise TypeError(f"sample() got unexpected keyword(s) {unknown} for {type(self.pipe).__name__} "
                             f"(family-specific options: {allowed})")
         return {**self.options, **options}
+
+    def set_option_defaults(self, **options) -> None:
+        """Change the defaults of this adapter's options (for callers that pass none, e.g. trainers);
+        checked as ``sample(**options)`` would check them."""
+        self.options = self.check_options(options)
 
     def cfg_weight(self, guidance_scale, negative_prompt, options) -> float | None:
         # the pipelines' own rule: guidance is on when the scale exceeds 1
@@ -251,6 +270,8 @@ _BUILTIN = (
     ("diffusers:StableDiffusion3Pipeline", "diffrl.samplers.families.sd3:StableDiffusion3Adapter"),
     ("diffusers:StableDiffusionXLPipeline", "diffrl.samplers.families.sdxl:StableDiffusionXLAdapter"),
     ("diffusers:StableDiffusionPipeline", "diffrl.samplers.families.sd:StableDiffusionAdapter"),
+    ("diffusers:WanPipeline", "diffrl.samplers.families.wan:WanAdapter"),
+    ("diffusers:FluxKontextPipeline", "diffrl.samplers.families.flux_kontext:FluxKontextAdapter"),
 )
 
 #: (pipeline class or "module:Class", adapter class or "module:Class"), looked up in order
