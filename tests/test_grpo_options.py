@@ -242,3 +242,60 @@ def test_epochs_with_a_random_window_and_a_shared_prefix(tmp_path):
         assert torch.equal(x0[0], x0[1]) and torch.equal(x0[0], x0[2]) and not torch.equal(x0[0], x0[3])
         cfg_rows = n[-1] // B  # the last step runs on every sample
         assert sum(n) == cfg_rows * (start * 2 + (T - start) * B)
+
+
+def test_grpo_guard_ratio_and_step_weights_match_the_formula(tmp_path, monkeypatch):
+    """grpo_guard: the ratio PPO clips is exp(reduce((x' - mu_old)(mu - mu_old)) / s) (the re-centred,
+    re-scaled log-ratio), and each step's advantage carries 1/|c| normalised over the recorded steps;
+    checked in float64 from the model's own predictions after a random change of the trained weights."""
+    import diffrl.ops as ops
+
+    _, values = get_preset("tiny-sd3-jpeg")
+    T = 4
+    values.update(output_dir=str(tmp_path), epochs=1, num_inference_steps=T, save_every=0, grpo_guard=True,
+                  timestep_fraction=1.0, kl_coef=0.0, sde_window=[0, 3], seed=int(torch.randint(1 << 20, ())))
+    tr = GRPOTrainer(load_config(GRPOConfig, base=values), progress=False)
+    data = tr.data.collect(1)
+    batch, adv = data.batch, data.advantages
+    state = tr.objective.prepare(1, batch, adv)
+    tr.objective.order(state, 0)
+    with torch.no_grad():  # a policy that has moved away from the sampling one
+        for p in tr.trainable.values():
+            p.add_(torch.randn_like(p) * 0.05)
+    seen = []
+    real_loss = ops.grpo_loss
+
+    def spy(log_prob, old, a, **kw):
+        seen.append((log_prob.detach().double(), old.detach(), a.detach().double()))
+        return real_loss(log_prob, old, a, **kw)
+
+    monkeypatch.setattr(ops, "grpo_loss", spy)
+    idx = torch.arange(min(4, len(batch)))
+    sub = batch[idx]
+    loss, stats = tr.objective.loss(state, sub, idx, 0)
+    assert torch.isfinite(loss) and loss.requires_grad
+    (log_ratio, old, a), = seen
+    assert torch.equal(old, torch.zeros_like(old))
+    steps = state["step_order"][idx, 0]
+    sampler = tr.sampler
+    emb = sampler.model_batch(sub.embeddings(), sub.embeddings(uncond=True))
+    want = torch.empty(len(idx), dtype=torch.float64)
+    inv_c = 1.0 / batch.coeffs[:, 1].double().abs()
+    for r, j in enumerate(steps.tolist()):
+        one = sub[[r]]
+        x = one.latents_before(j).double()
+        x_next = one.latents_after(j).double()
+        with torch.no_grad():
+            v_c, v_u = sampler.predict(one.latents_before(j), one.timesteps[j].expand(1), sampler.model_batch(
+                one.embeddings(), one.embeddings(uncond=True)), one.shared, cfg=True, model=tr.model)
+        v = v_u.double() + one.guidance_scale * (v_c.double() - v_u.double())
+        v_old = state["guard"][idx[r], j].double()[None]
+        a_j, c_j, s_j = (float(z) for z in batch.coeffs[j])
+        mu, mu_old = a_j * x + c_j * v, a_j * x + c_j * v_old
+        want[r] = ((x_next - mu_old) * (mu - mu_old)).mean() / s_j  # = mean(eps (mu - mu_old)), x' = mu_old + s eps
+        assert float(a[r]) == pytest.approx(float(adv[idx[r]]) * float(inv_c[j] / inv_c.mean()), rel=1e-5)
+    torch.testing.assert_close(log_ratio, want, rtol=2e-3, atol=1e-6)
+    assert float(want.abs().max()) > 1e-4  # the perturbation moved the ratio: the check is not vacuous
+    del emb
+    with pytest.raises(ValueError, match="grpo_guard applies to the PPO objective"):
+        NFTConfig(grpo_guard=True)

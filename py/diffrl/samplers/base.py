@@ -484,8 +484,10 @@ class BaseSampler:
 
         ``step`` indexes the recorded steps (0 .. S-1), or is a ``[B]`` integer tensor (a step per
         sample). ``transformer_or_unet``: the model being trained (default: the pipeline's).
-        ``reference``: None (no KL), a model (evaluated without gradients), or
-        :data:`DISABLE_ADAPTERS` (``"disable_adapters"``: the scored model with its peft adapters off).
+        ``reference``: None (no KL), a model (evaluated without gradients),
+        :data:`DISABLE_ADAPTERS` (``"disable_adapters"``: the scored model with its peft adapters off), or a
+        tensor ``[B, ...]``: the reference policy's (guided) prediction at the step's input, computed
+        before (GRPO-Guard's KL to the sampling policy).
 
         With the unchanged model and the same batch, the log-prob is bitwise the recorded one (the
         model's forward must be deterministic and batch-composition independent for that: score the
@@ -521,6 +523,13 @@ class BaseSampler:
                         ref_cond, ref_uncond = self.predict(x, t, emb, rollout.shared, cfg=cfg, model=model)
                 elif isinstance(reference, torch.nn.Module):
                     ref_cond, ref_uncond = self.predict(x, t, emb, rollout.shared, cfg=cfg, model=reference)
+                elif isinstance(reference, torch.Tensor):
+                    if reference.shape != x.shape:
+                        raise ValueError(f"a reference prediction must have the latents' shape {tuple(x.shape)}, "
+                                         f"got {tuple(reference.shape)}")
+                    # already guided: as the pair (g, g), any CFG weight combines it to g
+                    ref_cond = reference.to(v_cond.dtype)
+                    ref_uncond = ref_cond if cfg else None
                 else:
                     raise TypeError(f"reference must be None, a model or {DISABLE_ADAPTERS!r}, "
                                     f"got {type(reference).__name__}")
@@ -528,7 +537,8 @@ class BaseSampler:
         if cfg and not self.adapter.linear_cfg:  # as denoise(): the family's combination, then a plain step
             v_cond, v_uncond = self.adapter.guide(v_cond, v_uncond, w), None
             if ref_cond is not None:
-                ref_cond, ref_uncond = self.adapter.guide(ref_cond, ref_uncond, w), None
+                ref_cond, ref_uncond = (ref_cond if isinstance(reference, torch.Tensor)
+                                        else self.adapter.guide(ref_cond, ref_uncond, w)), None
             w = None
         return sde_step(x, v_cond, coeffs, uncond_output=v_uncond, guidance_scale=w,
                         prev_sample=x_next, ref_output=ref_cond, ref_uncond_output=ref_uncond,

@@ -137,6 +137,7 @@ class GRPOConfig(TrainConfig):
     reward_aggregation: str = "sum"      # sum | per_reward (each reward normalised in its group, then summed)
     step_weights: list[float] = field(default_factory=list)  # PPO: the advantage's weight at each trained step
                                          # (one per recorded step; empty: 1)
+    grpo_guard: bool = False             # GRPO-Guard: re-centred, re-scaled step ratios and 1/|dt| step weights
 
     def validate(self) -> None:
         super().validate()
@@ -190,6 +191,7 @@ class NFTConfig(GRPOConfig):
               f"nft_negative_weight must be in [0, 1], got {self.nft_negative_weight}")
         _need(self.kl_coef == 0, "kl_coef is not supported by the nft trainer (nft_beta bounds each update instead)")
         _need(not self.step_weights, "step_weights do not apply to the nft trainer (its loss has no sampling steps)")
+        _need(not self.grpo_guard, "grpo_guard applies to the PPO objective (trainer grpo), not to nft")
         _need(self.nft_old_policy in ("current", "ema"),
               f"nft_old_policy must be current or ema, got {self.nft_old_policy!r}")
         _need(0.0 <= self.nft_old_decay < 1.0, f"nft_old_decay must be in [0, 1), got {self.nft_old_decay}")

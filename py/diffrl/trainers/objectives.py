@@ -49,7 +49,16 @@ class PPOObjective(Objective):
     """The clipped PPO surrogate on the recorded steps' log-probs (GRPO, DDPO), plus ``kl_coef`` times the
     KL to the reference policy. Each sample trains on its own random subset of the recorded steps
     (``timestep_fraction``, as DDPO); one backward pass per trained step. ``step_weights`` (GRPO): the
-    advantage at recorded step j is ``A * step_weights[j]``."""
+    advantage at recorded step j is ``A * step_weights[j]``.
+
+    ``grpo_guard`` (GRPO-Guard's regulated clipping): the sampling policy's guided prediction at every
+    recorded step is computed once before the updates, and each step's log-ratio is re-centred and
+    re-scaled, ``log r' = s (log p - log p_old + KL(p || p_old))``: with ``x' = mu_old + s eps`` that is
+    ``reduce(eps * (mu - mu_old))``, whose mean is 0 and whose spread no longer grows as ``s`` shrinks
+    (the plain log-ratio's mean is ``-KL``, left of 0, so the upper clip rarely bites). Each step's loss is
+    weighted by ``1 / |c|`` (``c``: the step's velocity gain, ``(1 + noise_level^2 / 2) dt`` for Flow-GRPO's
+    SDE, so this is the paper's ``1 / |dt|``), normalised to mean 1 over the recorded steps so that
+    ``lr`` keeps its meaning."""
 
     @classmethod
     def needs_reference(cls, config) -> bool:
@@ -64,10 +73,34 @@ class PPOObjective(Objective):
         weights = list(getattr(self.config, "step_weights", []))
         if weights and len(weights) != S:
             raise ValueError(f"step_weights has {len(weights)} entries but the sampler recorded {S} steps")
-        return {"old": old, "adv": advantages.to(old.device).float(), "S": S,
-                "n_steps": max(1, int(S * self.config.timestep_fraction)),
-                "step_weights": torch.tensor(weights, dtype=torch.float32, device=old.device) if weights else None,
-                "gen": self.trainer._generator(epoch, 2, self.trainer.rank)}
+        state = {"old": old, "adv": advantages.to(old.device).float(), "S": S,
+                 "n_steps": max(1, int(S * self.config.timestep_fraction)),
+                 "step_weights": torch.tensor(weights, dtype=torch.float32, device=old.device) if weights else None,
+                 "gen": self.trainer._generator(epoch, 2, self.trainer.rank), "guard": None}
+        if getattr(self.config, "grpo_guard", False):
+            inv_c = 1.0 / batch.coeffs[:, 1].abs().double()
+            gain = (inv_c / inv_c.mean()).float().to(old.device)
+            state["step_weights"] = gain if state["step_weights"] is None else state["step_weights"] * gain
+            state["guard"] = self.sampling_predictions(batch)
+        return state
+
+    def sampling_predictions(self, batch) -> torch.Tensor:
+        """``[B, S, ...]`` float32: the (guided) prediction of the weights that sampled ``batch`` at each
+        recorded step's input, before any update (minibatches of ``train_batch_size``)."""
+        tr = self.trainer
+        sampler, B, S = tr.sampler, len(batch), batch.num_steps
+        out = torch.empty((B, S, *batch.latents.shape[2:]), dtype=torch.float32, device=batch.latents.device)
+        cfg = batch.guidance_scale is not None
+        with torch.no_grad(), tr.accelerator.autocast(), tr.sampling_weights():
+            for idx in torch.arange(B).split(self.config.train_batch_size):
+                sub = batch[idx]
+                emb = sampler.model_batch(sub.embeddings(), sub.embeddings(uncond=True))
+                for j in range(S):
+                    t = sub.timesteps[j].to(sub.device).expand(len(sub))
+                    v_cond, v_uncond = sampler.predict(sub.latents_before(j), t, emb, sub.shared, cfg=cfg,
+                                                       model=tr.model)
+                    out[idx.to(out.device), j] = sampler.guide(v_cond, v_uncond, sub.guidance_scale)
+        return out
 
     def order(self, state, inner):
         B = len(state["old"])
@@ -85,13 +118,34 @@ class PPOObjective(Objective):
         tr, cfg = self.trainer, self.config
         old, adv = state["old"], state["adv"]
         steps = state["step_order"][idx, term]
-        out = tr.sampler.score(sub, steps, transformer_or_unet=tr.model, reference=tr.reference)
         a = adv[idx.to(adv.device)]
         if state["step_weights"] is not None:  # the advantage's weight at each sample's trained step
             a = a * state["step_weights"][steps.to(a.device)]
-        return grpo_loss(out.log_prob.float(), old[idx.to(old.device), steps.to(old.device)],
-                         a, clip_range=cfg.clip_range,
+        old_lp = old[idx.to(old.device), steps.to(old.device)]
+        if state["guard"] is not None:
+            return self._guard_loss(state, sub, idx, steps, a, old_lp)
+        out = tr.sampler.score(sub, steps, transformer_or_unet=tr.model, reference=tr.reference)
+        return grpo_loss(out.log_prob.float(), old_lp, a, clip_range=cfg.clip_range,
                          kl=None if out.kl is None else out.kl.float(), kl_coef=cfg.kl_coef)
+
+    def _guard_loss(self, state, sub, idx, steps, a, old_lp):
+        """GRPO-Guard's step loss: the PPO clip on the re-centred, re-scaled ratio (class docstring); the
+        KL to the sampling policy comes from the same fused step as the log-prob."""
+        from diffrl.ops import grpo_loss  # noqa: PLC0415
+
+        tr, cfg = self.trainer, self.config
+        d = idx.to(state["guard"].device)
+        v_old = state["guard"][d, steps.to(d.device)]
+        out = tr.sampler.score(sub, steps, transformer_or_unet=tr.model, reference=v_old)
+        s = sub.coeffs[steps.cpu(), 2].to(out.log_prob.device).float()
+        log_ratio = s * (out.log_prob.float() - old_lp + out.kl.float())
+        loss, stats = grpo_loss(log_ratio, torch.zeros_like(log_ratio), a, clip_range=cfg.clip_range)
+        if cfg.kl_coef > 0:  # the KL to the frozen reference, as without the guard (a second fused step)
+            ref = tr.sampler.score(sub, steps, transformer_or_unet=tr.model, reference=tr.reference)
+            kl = ref.kl.float().mean()
+            loss = loss + cfg.kl_coef * kl
+            stats = {**stats, "kl": kl.detach()}
+        return loss, stats
 
 
 def _first_of_group(group_ids: torch.Tensor) -> torch.Tensor:
