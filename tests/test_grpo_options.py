@@ -108,8 +108,8 @@ def test_win_rate_from_a_pairwise_reward():
 
 
 def test_bad_options_are_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match="advantage must be one of group, win_rate"):
-        GRPOConfig(advantage="dense")
+    with pytest.raises(ValueError, match="advantage must be one of group, win_rate, dense"):
+        GRPOConfig(advantage="sparse")
     with pytest.raises(ValueError, match="reward_aggregation must be one of"):
         NFTConfig(reward_aggregation="mean")
     with pytest.raises(ValueError, match="one weight per recorded"):
@@ -299,3 +299,50 @@ def test_grpo_guard_ratio_and_step_weights_match_the_formula(tmp_path, monkeypat
     del emb
     with pytest.raises(ValueError, match="grpo_guard applies to the PPO objective"):
         NFTConfig(grpo_guard=True)
+
+
+def test_complete_and_dense_advantages_match_their_definitions(tmp_path):
+    """advantage: dense (DenseGRPO). sampler.complete(rollout, p) is the ODE completion from position p (from
+    after the window it is the sampled images; from 0 the ODE sample of the same start); a real epoch's
+    advantages are each step's reward gain R(i + 1) - R(i), normalised within the group per step (float64)."""
+    from diffrl.samplers import FlowSDESampler
+
+    _, values = get_preset("tiny-sd3-jpeg")
+    T, size = 4, 2
+    values.update(output_dir=str(tmp_path), epochs=1, num_inference_steps=T, save_every=0, advantage="dense",
+                  sde_window=[0, size], timestep_fraction=1.0, adv_clip=0.0, group_size=3, prompts_per_epoch=2,
+                  seed=int(torch.randint(1 << 20, ())))
+    tr = GRPOTrainer(load_config(GRPOConfig, base=values), progress=False)
+    captured = {}
+    real = tr.compute_advantages
+
+    def capture(rewards, group_ids, prompts, heads=None, rollout=None):
+        r = rollout  # (the weights that sampled it: before the update)
+        # the completion from after the window is what the sampler drew (its remaining steps are ODE steps too)
+        torch.testing.assert_close(tr.sampler.complete(r, size), r.images, rtol=0, atol=1e-5)
+        # from 0: the ODE sample from the rollout's initial latents
+        ode = FlowSDESampler(tr.pipe, noise_level=0.0).sample(
+            list(r.prompts[::3]), num_images_per_prompt=3, num_inference_steps=T,
+            guidance_scale=tr.config.guidance_scale, height=tr.config.resolution, width=tr.config.resolution,
+            latents=r.latents_before(0).clone())
+        torch.testing.assert_close(tr.sampler.complete(r, 0), ode.images, rtol=0, atol=1e-5)
+        R = {p: tr.reward_fn(tr.sampler.complete(r, p), r.prompts)["reward"].double().cpu() for p in range(size)}
+        captured.update(R=R, rewards=rewards.clone(), ids=group_ids.clone(), rollout=r)
+        return real(rewards, group_ids, prompts, heads=heads, rollout=rollout)
+
+    tr.compute_advantages = capture
+    (rec,) = tr.train()
+    r, ids, R = captured["rollout"], captured["ids"].cpu(), captured["R"]
+    assert rec["optimizer_steps"] >= 1
+    R[size] = captured["rewards"].double().cpu()
+    gains = torch.stack([R[i + 1] - R[i] for i in range(size)], 1)
+    want = torch.stack([_normalise(gains[:, j], ids) for j in range(size)], 1)
+    adv = tr.last_batch["advantages"]
+    assert adv.shape == (len(r), size)
+    torch.testing.assert_close(adv.double(), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="dense takes reward_aggregation: sum"):
+        GRPOConfig(advantage="dense", reward_aggregation="per_reward")
+    with pytest.raises(ValueError, match="the nft trainer has none"):
+        NFTConfig(advantage="dense")
+    with pytest.raises(ValueError, match="not stored"):
+        tr.sampler.complete(r, T - 1)

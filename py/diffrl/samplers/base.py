@@ -474,6 +474,31 @@ class BaseSampler:
             return ad.prepare_latents(P, call.height, call.width, gen0, None, shared).repeat_interleave(G, dim=0)
         return ad.prepare_latents(B, call.height, call.width, generator, latents, shared)
 
+    # ---- completing a trajectory -----------------------------------------------------------------
+
+    def complete(self, rollout: Rollout, position: int, *, decode: bool = True) -> torch.Tensor:
+        """The deterministic (ODE) completion of every trajectory of ``rollout`` from its stored latent at
+        ``position`` (0 .. T; ``T``: the final latent, nothing to run): the images ``[B, 3, H, W]`` (the
+        final latents with ``decode=False``). Dense per-step rewards (DenseGRPO) score these: how good the
+        image a step leads to is, without the later steps' noise. The schedule is rebuilt as ``sample``
+        built it (the family's default options, which is what the trainers sample with)."""
+        if not isinstance(rollout, Rollout):
+            raise TypeError(f"complete needs a Rollout, got {type(rollout).__name__}")
+        if position not in rollout.latent_positions:
+            raise ValueError(f"position {position} is not stored in this rollout (stored: {rollout.latent_positions})")
+        ad, info = self.adapter, rollout.info
+        T, height, width = int(info["num_inference_steps"]), int(info["height"]), int(info["width"])
+        x = rollout.latents[:, rollout._slot(position)]
+        with torch.no_grad():
+            if position < T:
+                scheduler = self._make_scheduler()
+                timesteps = ad.set_timesteps(scheduler, T, x, ad.check_options({}))
+                plan = self.plan_steps(scheduler, timesteps, set())
+                emb = self.model_batch(rollout.embeddings(), rollout.embeddings(uncond=True))
+                x = self.denoise(x, timesteps[position:], plan[position:], emb, rollout.shared,
+                                 rollout.guidance_scale).latents
+            return ad.decode(x, height, width) if decode else x
+
     # ---- scoring ---------------------------------------------------------------------------------
 
     def score(self, rollout: Rollout, step, transformer_or_unet: torch.nn.Module | None = None,

@@ -4,6 +4,10 @@
 ``advantage: win_rate``   Pref-GRPO: each image's win rate against the rest of its group (the fraction it
                           beats, ties one half; from the scalar reward through ``diffrl.ops.win_rate``, or
                           from a pairwise reward ``P(a preferred to b)``), then normalised within the group;
+``advantage: dense``      DenseGRPO: a reward per recorded step, ``R(after) - R(before)``, where ``R(p)`` scores
+                          the deterministic (ODE) completion of the trajectory from position ``p`` (the final
+                          image's reward at the end); each step's gains are normalised within the group on
+                          their own (``diffrl.ops.group_advantages`` with ``num_steps``): advantages ``[B, S]``;
 ``reward_aggregation: sum``         the weighted sum of the rewards is normalised (one statistic);
 ``reward_aggregation: per_reward``  each reward is normalised within the group on its own, and the
                           advantage is the weighted sum of those (MARBLE / PaCo-RL / GDPO: a reward of
@@ -19,7 +23,8 @@ import torch
 
 from diffrl.trainers.config import ADVANTAGES, AGGREGATIONS  # noqa: F401  (the accepted values)
 
-__all__ = ["ADVANTAGES", "AGGREGATIONS", "reward_columns", "pairwise_win_rate", "grpo_advantages"]
+__all__ = ["ADVANTAGES", "AGGREGATIONS", "reward_columns", "pairwise_win_rate", "dense_step_rewards",
+           "grpo_advantages"]
 
 
 def reward_columns(heads: dict[str, torch.Tensor], weights: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,13 +70,33 @@ def pairwise_win_rate(pairwise, images: torch.Tensor, prompts: list[str], group_
     return torch.where(n > 0, wins / n.clamp_min(1), torch.full_like(wins, 0.5))
 
 
+def dense_step_rewards(sampler, reward_fn, rollout, final_rewards: torch.Tensor) -> torch.Tensor:
+    """``[B, S]`` float32: each recorded step's reward gain ``R(i + 1) - R(i)``, with ``R(p)`` the reward of the
+    ODE completion from trajectory position ``p`` (``final_rewards`` at ``T``: already measured). One
+    completion and one reward call per distinct position (S + 1 for a window of S consecutive steps)."""
+    T = int(rollout.info["num_inference_steps"])
+    steps = rollout.step_indices.tolist()
+    scores: dict[int, torch.Tensor] = {T: final_rewards.float()}
+    for p in sorted({p for i in steps for p in (i, i + 1)} - {T}):
+        with torch.no_grad():
+            out = reward_fn(sampler.complete(rollout, p), rollout.prompts)
+        scores[p] = out["reward"].detach().float().reshape(len(rollout), -1).mean(1).to(final_rewards.device)
+    return torch.stack([scores[i + 1] - scores[i] for i in steps], 1)
+
+
 def grpo_advantages(cfg, rewards: torch.Tensor, group_ids: torch.Tensor, heads: dict | None = None,
-                    rollout=None, pairwise=None) -> torch.Tensor:
-    """This rank's float32 advantages [B] (see the module docstring)."""
+                    rollout=None, pairwise=None, dense=None) -> torch.Tensor:
+    """This rank's float32 advantages: [B], or [B, S] with ``advantage: dense`` (``dense``: the step rewards of
+    :func:`dense_step_rewards`). See the module docstring."""
     from diffrl.distributed import distributed_group_advantages, distributed_win_rate  # noqa: PLC0415
 
     clip = cfg.adv_clip if cfg.adv_clip > 0 else None
     gids = group_ids.long()
+    if cfg.advantage == "dense":
+        if dense is None:
+            raise ValueError("advantage: dense needs the per-step rewards (dense_step_rewards)")
+        return distributed_group_advantages(dense.float().contiguous(), gids, std=cfg.adv_std, clip=clip,
+                                            num_steps=dense.shape[1]).to(torch.float32)
     if cfg.reward_aggregation == "per_reward":
         cols, weights = reward_columns(heads if heads is not None else {"reward": rewards}, cfg.reward)
         cols = cols.to(rewards.device)

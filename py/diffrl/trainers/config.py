@@ -20,7 +20,7 @@ from typing import Any
 __all__ = ["TrainConfig", "GRPOConfig", "NFTConfig", "DDPOConfig", "load_config", "apply_overrides", "config_to_dict"]
 
 
-ADVANTAGES = ("group", "win_rate")          # GRPOConfig.advantage (diffrl.trainers.advantage)
+ADVANTAGES = ("group", "win_rate", "dense")  # GRPOConfig.advantage (diffrl.trainers.advantage)
 AGGREGATIONS = ("sum", "per_reward")        # GRPOConfig.reward_aggregation
 WINDOW_MOVES = ("fixed", "random", "slide")  # GRPOConfig.sde_window_move
 
@@ -134,6 +134,7 @@ class GRPOConfig(TrainConfig):
     sde_window_slide_every: int = 1      # slide: epochs per one-step move of the window (it wraps at the end)
     # advantages (diffrl.trainers.advantage)
     advantage: str = "group"             # group | win_rate (Pref-GRPO: win rate in the group, then normalised)
+                                         # | dense (DenseGRPO: each step's reward gain, normalised per step)
     reward_aggregation: str = "sum"      # sum | per_reward (each reward normalised in its group, then summed)
     step_weights: list[float] = field(default_factory=list)  # PPO: the advantage's weight at each trained step
                                          # (one per recorded step; empty: 1)
@@ -146,6 +147,8 @@ class GRPOConfig(TrainConfig):
               f"reward_aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.reward_aggregation!r}")
         _need(all(math.isfinite(w) for w in self.step_weights),
               f"step_weights must be finite, got {list(self.step_weights)}")
+        _need(self.advantage != "dense" or self.reward_aggregation == "sum",
+              "advantage: dense takes reward_aggregation: sum (one reward gain per step)")
         _need(self.sde_type in ("sde", "cps"), f"sde_type must be sde or cps, got {self.sde_type!r}")
         _need(self.noise_level >= 0, "noise_level must be >= 0")
         _need(len(self.sde_window) in (0, 2), f"sde_window must be [start, end] or empty, got {self.sde_window}")
@@ -192,6 +195,8 @@ class NFTConfig(GRPOConfig):
         _need(self.kl_coef == 0, "kl_coef is not supported by the nft trainer (nft_beta bounds each update instead)")
         _need(not self.step_weights, "step_weights do not apply to the nft trainer (its loss has no sampling steps)")
         _need(not self.grpo_guard, "grpo_guard applies to the PPO objective (trainer grpo), not to nft")
+        _need(self.advantage != "dense", "advantage: dense needs sampling steps to credit; the nft trainer has none "
+                                         "(use group or win_rate)")
         _need(self.nft_old_policy in ("current", "ema"),
               f"nft_old_policy must be current or ema, got {self.nft_old_policy!r}")
         _need(0.0 <= self.nft_old_decay < 1.0, f"nft_old_decay must be in [0, 1), got {self.nft_old_decay}")

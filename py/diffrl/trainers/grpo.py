@@ -63,5 +63,12 @@ class GRPOTrainer(BaseTrainer):
     def compute_advantages(self, rewards, group_ids, prompts, heads=None, rollout=None):
         from diffrl.trainers.advantage import grpo_advantages  # noqa: PLC0415
 
+        dense = None
+        if self.config.advantage == "dense":
+            from diffrl.trainers.advantage import dense_step_rewards  # noqa: PLC0415
+
+            if rollout is None:
+                raise ValueError("advantage: dense needs the rollout (its trajectories are completed and scored)")
+            dense = dense_step_rewards(self.sampler, self.reward_fn, rollout, rewards)
         return grpo_advantages(self.config, rewards, group_ids, heads=heads, rollout=rollout,
-                               pairwise=self.pairwise_reward)
+                               pairwise=self.pairwise_reward, dense=dense)

@@ -119,6 +119,8 @@ class PPOObjective(Objective):
         old, adv = state["old"], state["adv"]
         steps = state["step_order"][idx, term]
         a = adv[idx.to(adv.device)]
+        if a.dim() == 2:  # per-step advantages (advantage: dense): each sample's trained step's
+            a = a.gather(1, steps.to(a.device)[:, None]).squeeze(1)
         if state["step_weights"] is not None:  # the advantage's weight at each sample's trained step
             a = a * state["step_weights"][steps.to(a.device)]
         old_lp = old[idx.to(old.device), steps.to(old.device)]
