@@ -19,7 +19,7 @@ from diffrl.samplers import FlowSDESampler, get_adapter  # noqa: E402
 
 PROMPTS = ["a red circle", "two blue squares"]
 # odd-ish sizes each family takes (latent grids of odd patch counts where the family allows)
-SIZE = {"qwenimage": dict(height=24, width=40)}
+SIZE = {"qwenimage": dict(height=24, width=40), "zimage": dict(height=24, width=44)}
 # negatives that encode to the prompts' lengths (one model call on [uncond; cond]) or to others (two calls)
 NEGATIVES = {"joint": ["a red circlx", "two blue squarez"], "split": ["dark", "a dull grey"]}
 
@@ -34,10 +34,13 @@ def _gen(seed):
 
 
 def _cfg_kw(family, cfg):
-    """The pipeline's CFG keywords for ``cfg`` (None: no CFG)."""
-    if cfg is None:
-        return {}
-    return {"negative_prompt": NEGATIVES[cfg], "true_cfg_scale": 3.0}
+    """The pipeline's CFG keywords for ``cfg`` (None: no CFG; "empty": CFG without a negative prompt)."""
+    neg = {} if cfg in (None, "empty") else {"negative_prompt": list(NEGATIVES[cfg])}
+    if family == "qwenimage":  # true CFG: a scale above 1 and a negative prompt
+        return {} if cfg is None else {"true_cfg_scale": 3.0, **neg}
+    if family == "zimage":  # CFG whenever guidance_scale > 0, an empty negative by default
+        return {"guidance_scale": 0.0} if cfg is None else {"guidance_scale": 3.0, **neg}
+    raise AssertionError(family)
 
 
 def _sampler_kw(family):
@@ -47,7 +50,9 @@ def _sampler_kw(family):
 
 # ---- drop-in --------------------------------------------------------------------------------------
 
-DROP_IN = [("qwenimage", None), ("qwenimage", "joint"), ("qwenimage", "split")]
+DROP_IN = [("qwenimage", None), ("qwenimage", "joint"), ("qwenimage", "split"),
+           ("zimage", None), ("zimage", "empty"), ("zimage", "split")]
+# (the pipelines write into the prompt lists they are given: each call gets a fresh list)
 
 
 @pytest.mark.parametrize("family,cfg", DROP_IN)
@@ -58,15 +63,17 @@ def test_drop_in_matches_pipeline(pipes, family, cfg):
     # mask.repeat(1, G, 1) tiles the prompts instead of repeating each); the sampler indexes its rows
     G = 1 if family == "qwenimage" else 2
     kw = dict(num_images_per_prompt=G, num_inference_steps=3, **SIZE[family], **_cfg_kw(family, cfg))
-    expected = pipe(PROMPTS, generator=_gen(3), output_type="pt", **kw).images
+    expected = pipe(list(PROMPTS), generator=_gen(3), output_type="pt", **kw).images
     sampler = FlowSDESampler(pipe, noise_level=0.0)
-    r = sampler.sample(PROMPTS, generator=_gen(3), **kw, **_sampler_kw(family))
+    kw = dict(kw, **_cfg_kw(family, cfg))  # (fresh lists again)
+    r = sampler.sample(list(PROMPTS), generator=_gen(3), **kw, **_sampler_kw(family))
     h, w = SIZE[family]["height"], SIZE[family]["width"]
     assert r.images.shape == (2 * G, 3, h, w) and r.images.dtype == torch.float32
     assert (r.guidance_scale is None) == (cfg is None)
     if cfg is not None:
         emb = sampler.model_batch(r.embeddings(), r.embeddings(uncond=True))
-        assert isinstance(emb, dict) == (cfg == "joint")  # SplitCFG (two calls) for different lengths
+        # Qwen-Image: two calls (SplitCFG) for different lengths; Z-Image pads them into one call
+        assert isinstance(emb, dict) == (cfg == "joint" or family == "zimage")
     torch.testing.assert_close(r.images, expected.float(), rtol=0, atol=2e-6)
     assert r.num_steps == 0
 
@@ -149,3 +156,18 @@ def test_grpo_preset_trains_the_family(tmp_path, family):
     assert all(math.isfinite(r["loss"]) and r["optimizer_steps"] >= 1 for r in recs)
     after = dict(tr.sampler.model.named_parameters())
     assert any(not torch.equal(lora[n], after[n]) for n in lora), "two epochs changed no LoRA weight"
+
+
+def test_zimage_refuses_what_it_does_not_reproduce(pipes):
+    sampler = FlowSDESampler(pipes("zimage"), noise_level=0.7)
+    kw = dict(num_inference_steps=2, **SIZE["zimage"])
+    with pytest.raises(ValueError, match="cfg_normalization"):
+        sampler.sample(PROMPTS, cfg_normalization=True, **kw)
+    with pytest.raises(ValueError, match="cfg_truncation"):
+        sampler.sample(PROMPTS, cfg_truncation=0.5, **kw)
+    top = sampler.adapter.max_size()  # the rotary table's extent
+    assert top == 16 * 4
+    with pytest.raises(ValueError, match="too large"):
+        sampler.sample(PROMPTS, num_inference_steps=2, height=top + 4, width=24)
+    r = sampler.sample(PROMPTS, guidance_scale=2.5, **kw)
+    assert r.guidance_scale == 3.5  # pos + w (pos - neg) is the loop's linear CFG with weight w + 1

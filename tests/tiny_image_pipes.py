@@ -12,7 +12,12 @@ import warnings
 
 import torch
 
-IMAGE_FAMILIES = ("qwenimage",)
+IMAGE_FAMILIES = ("qwenimage", "zimage")
+
+# a chat template of our own in the role/content format the pipelines fill (Z-Image calls
+# apply_chat_template; enable_thinking is accepted and ignored)
+_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def byte_level_vocab(specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>")) -> dict:
@@ -29,7 +34,7 @@ def _qwen2_tokenizer():
     from transformers import Qwen2Tokenizer  # noqa: PLC0415
 
     specials = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-    tok = Qwen2Tokenizer(vocab=byte_level_vocab(specials), merges=[])
+    tok = Qwen2Tokenizer(vocab=byte_level_vocab(specials), merges=[], chat_template=_CHAT_TEMPLATE)
     tok.add_special_tokens({"additional_special_tokens": list(specials[1:])})
     return tok
 
@@ -45,6 +50,25 @@ def _qwen25_vl(vocab_size: int, hidden: int):
     vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden,
                   fullatt_block_indexes=[0])
     return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision)).eval()
+
+
+def _qwen3(vocab_size: int, hidden: int):
+    from transformers import Qwen3Config, Qwen3Model  # noqa: PLC0415
+
+    # two layers: Z-Image reads the second-to-last hidden state
+    cfg = Qwen3Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=1024,
+                      pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    return Qwen3Model(cfg).eval()
+
+
+def _vae():
+    from diffusers import AutoencoderKL  # noqa: PLC0415
+
+    return AutoencoderKL(block_out_channels=[8, 8], in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                         norm_num_groups=2, layers_per_block=1, sample_size=32, scaling_factor=0.3611,
+                         shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False).eval()
 
 
 def tiny_image_pipeline(family: str, *, seed: int = 0):
@@ -74,6 +98,14 @@ def tiny_image_pipeline(family: str, *, seed: int = 0):
                                                     shift_terminal=0.02, time_shift_type="exponential")
             pipe = diffusers.QwenImagePipeline(scheduler=sched, vae=vae, text_encoder=_qwen25_vl(len(tok), 32),
                                                tokenizer=tok, transformer=transformer)
+        elif family == "zimage":
+            tok = _qwen2_tokenizer()
+            transformer = diffusers.ZImageTransformer2DModel(
+                in_channels=4, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
+                axes_dims=[4, 6, 6], axes_lens=[512, 16, 16]).eval()
+            sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False)
+            pipe = diffusers.ZImagePipeline(scheduler=sched, vae=_vae(), text_encoder=_qwen3(len(tok), 32),
+                                            tokenizer=tok, transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -268,6 +268,7 @@ _BUILTIN = (
     ("diffrl.models.shapes_model:ShapesPipeline", "diffrl.samplers.families.shapes:ShapesAdapter"),
     ("diffusers:FluxPipeline", "diffrl.samplers.families.flux:FluxAdapter"),
     ("diffusers:QwenImagePipeline", "diffrl.samplers.families.qwenimage:QwenImageAdapter"),
+    ("diffusers:ZImagePipeline", "diffrl.samplers.families.zimage:ZImageAdapter"),
     ("diffusers:StableDiffusion3Pipeline", "diffrl.samplers.families.sd3:StableDiffusion3Adapter"),
     ("diffusers:StableDiffusionXLPipeline", "diffrl.samplers.families.sdxl:StableDiffusionXLAdapter"),
     ("diffusers:StableDiffusionPipeline", "diffrl.samplers.families.sd:StableDiffusionAdapter"),
