@@ -19,7 +19,8 @@ from diffrl.samplers import FlowSDESampler, get_adapter  # noqa: E402
 
 PROMPTS = ["a red circle", "two blue squares"]
 # odd-ish sizes each family takes (latent grids of odd patch counts where the family allows)
-SIZE = {"qwenimage": dict(height=24, width=40), "zimage": dict(height=24, width=44)}
+SIZE = {"qwenimage": dict(height=24, width=40), "zimage": dict(height=24, width=44),
+        "flux2": dict(height=28, width=20)}
 # negatives that encode to the prompts' lengths (one model call on [uncond; cond]) or to others (two calls)
 NEGATIVES = {"joint": ["a red circlx", "two blue squarez"], "split": ["dark", "a dull grey"]}
 
@@ -40,6 +41,9 @@ def _cfg_kw(family, cfg):
         return {} if cfg is None else {"true_cfg_scale": 3.0, **neg}
     if family == "zimage":  # CFG whenever guidance_scale > 0, an empty negative by default
         return {"guidance_scale": 0.0} if cfg is None else {"guidance_scale": 3.0, **neg}
+    if family == "flux2":  # no CFG: guidance_scale feeds the guidance embedding
+        assert cfg is None
+        return {"guidance_scale": 3.5}
     raise AssertionError(family)
 
 
@@ -51,7 +55,7 @@ def _sampler_kw(family):
 # ---- drop-in --------------------------------------------------------------------------------------
 
 DROP_IN = [("qwenimage", None), ("qwenimage", "joint"), ("qwenimage", "split"),
-           ("zimage", None), ("zimage", "empty"), ("zimage", "split")]
+           ("zimage", None), ("zimage", "empty"), ("zimage", "split"), ("flux2", None)]
 # (the pipelines write into the prompt lists they are given: each call gets a fresh list)
 
 
@@ -63,7 +67,7 @@ def test_drop_in_matches_pipeline(pipes, family, cfg):
     # mask.repeat(1, G, 1) tiles the prompts instead of repeating each); the sampler indexes its rows
     G = 1 if family == "qwenimage" else 2
     kw = dict(num_images_per_prompt=G, num_inference_steps=3, **SIZE[family], **_cfg_kw(family, cfg))
-    expected = pipe(list(PROMPTS), generator=_gen(3), output_type="pt", **kw).images
+    expected = pipe(prompt=list(PROMPTS), generator=_gen(3), output_type="pt", **kw).images
     sampler = FlowSDESampler(pipe, noise_level=0.0)
     kw = dict(kw, **_cfg_kw(family, cfg))  # (fresh lists again)
     r = sampler.sample(list(PROMPTS), generator=_gen(3), **kw, **_sampler_kw(family))
@@ -171,3 +175,14 @@ def test_zimage_refuses_what_it_does_not_reproduce(pipes):
         sampler.sample(PROMPTS, num_inference_steps=2, height=top + 4, width=24)
     r = sampler.sample(PROMPTS, guidance_scale=2.5, **kw)
     assert r.guidance_scale == 3.5  # pos + w (pos - neg) is the loop's linear CFG with weight w + 1
+
+
+def test_flux2_guidance_is_an_embedding_not_cfg(pipes):
+    sampler = FlowSDESampler(pipes("flux2"), noise_level=0.0)
+    kw = dict(num_inference_steps=2, **SIZE["flux2"])
+    a = sampler.sample(PROMPTS, guidance_scale=2.0, generator=_gen(0), **kw)
+    b = sampler.sample(PROMPTS, guidance_scale=5.0, generator=_gen(0), **kw)
+    assert a.guidance_scale is None and a.uncond is None and a.shared["guidance"] == 2.0
+    assert not torch.allclose(a.images, b.images)  # the embedding reaches the model
+    with pytest.raises(ValueError, match="no negative prompt"):
+        sampler.sample(PROMPTS, negative_prompt="dark", **kw)

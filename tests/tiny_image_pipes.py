@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-IMAGE_FAMILIES = ("qwenimage", "zimage")
+IMAGE_FAMILIES = ("qwenimage", "zimage", "flux2")
 
 # a chat template of our own in the role/content format the pipelines fill (Z-Image calls
 # apply_chat_template; enable_thinking is accepted and ignored)
@@ -62,6 +62,25 @@ def _qwen3(vocab_size: int, hidden: int):
     return Qwen3Model(cfg).eval()
 
 
+# FLUX.2's pipeline formats each prompt as [system, user] messages whose content is a list of
+# {"type": "text"} parts (for a PixtralProcessor); this template of ours flattens them
+_PARTS_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}]{% for c in m['content'] %}{{ c['text'] }}{% endfor %}"
+                   "[/{{ m['role'] }}]{% endfor %}")
+
+
+def _mistral3(vocab_size: int, hidden: int):
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration  # noqa: PLC0415
+
+    # 30 layers: the pipeline stacks hidden states 10, 20 and 30 (its default text_encoder_out_layers)
+    text = dict(model_type="mistral", vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                num_hidden_layers=30, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                max_position_embeddings=1024, pad_token_id=256)
+    vision = dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  head_dim=8, image_size=32, patch_size=8)
+    return Mistral3ForConditionalGeneration(Mistral3Config(text_config=text, vision_config=vision,
+                                                           vision_feature_layer=-1)).eval()
+
+
 def _vae():
     from diffusers import AutoencoderKL  # noqa: PLC0415
 
@@ -106,6 +125,25 @@ def tiny_image_pipeline(family: str, *, seed: int = 0):
             sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False)
             pipe = diffusers.ZImagePipeline(scheduler=sched, vae=_vae(), text_encoder=_qwen3(len(tok), 32),
                                             tokenizer=tok, transformer=transformer)
+        elif family == "flux2":
+            from transformers import Qwen2Tokenizer  # noqa: PLC0415
+
+            # the pipeline only calls apply_chat_template on its "tokenizer" (a PixtralProcessor in the
+            # release): a plain byte-level tokenizer with a chat template stands in for it
+            tok = Qwen2Tokenizer(vocab=byte_level_vocab(), merges=[], chat_template=_PARTS_TEMPLATE)
+            vae = diffusers.AutoencoderKLFlux2(
+                block_out_channels=[8, 8], latent_channels=4, down_block_types=["DownEncoderBlock2D"] * 2,
+                up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=2, layers_per_block=1, sample_size=32,
+                use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False).eval()
+            with torch.no_grad():  # batch-norm statistics other than the identity, so that they are exercised
+                vae.bn.running_mean.normal_(0.0, 0.3)
+                vae.bn.running_var.uniform_(0.5, 2.0)
+            transformer = diffusers.Flux2Transformer2DModel(
+                in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+                joint_attention_dim=3 * 16, timestep_guidance_channels=16, axes_dims_rope=(2, 2, 2, 2)).eval()
+            sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
+            pipe = diffusers.Flux2Pipeline(scheduler=sched, vae=vae, text_encoder=_mistral3(len(tok), 16),
+                                           tokenizer=tok, transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

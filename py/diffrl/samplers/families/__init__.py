@@ -267,6 +267,7 @@ class Adapter:
 _BUILTIN = (
     ("diffrl.models.shapes_model:ShapesPipeline", "diffrl.samplers.families.shapes:ShapesAdapter"),
     ("diffusers:FluxPipeline", "diffrl.samplers.families.flux:FluxAdapter"),
+    ("diffusers:Flux2Pipeline", "diffrl.samplers.families.flux2:Flux2Adapter"),
     ("diffusers:QwenImagePipeline", "diffrl.samplers.families.qwenimage:QwenImageAdapter"),
     ("diffusers:ZImagePipeline", "diffrl.samplers.families.zimage:ZImageAdapter"),
     ("diffusers:StableDiffusion3Pipeline", "diffrl.samplers.families.sd3:StableDiffusion3Adapter"),
