@@ -123,6 +123,23 @@ def test_encode_images_inverts_decode(pipes, family):
     assert z.dtype == torch.float32 and z.shape == r.final_latents.shape and torch.isfinite(z).all()
 
 
+@pytest.mark.parametrize("family", IMAGE_FAMILIES)
+def test_decode_of_latents_from_vae_is_the_vaes_decode(pipes, family):
+    # the loop's layout and scaling (latents_from_vae) and decode's inverse of them meet at the VAE
+    adapter = get_adapter(pipes(family))
+    vae = adapter.pipe.vae
+    h, w = SIZE[family]["height"], SIZE[family]["width"]
+    f = adapter.vae_scale_factor
+    c = vae.config.z_dim if family == "qwenimage" else vae.config.latent_channels
+    z = torch.randn(2, c, *((1,) if family == "qwenimage" else ()), h // f, w // f, generator=_gen(4))
+    with torch.no_grad():
+        got = adapter.decode(adapter.latents_from_vae(z), h, w)
+        pixels = vae.decode(z, return_dict=False)[0]
+    if family == "qwenimage":
+        pixels = pixels[:, :, 0]  # the one frame
+    torch.testing.assert_close(got, (pixels.float() / 2 + 0.5).clamp(0, 1), rtol=0, atol=1e-5)
+
+
 # ---- bad inputs -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", IMAGE_FAMILIES)
@@ -186,3 +203,20 @@ def test_flux2_guidance_is_an_embedding_not_cfg(pipes):
     assert not torch.allclose(a.images, b.images)  # the embedding reaches the model
     with pytest.raises(ValueError, match="no negative prompt"):
         sampler.sample(PROMPTS, negative_prompt="dark", **kw)
+
+
+def test_qwenimage_padded_prompts_with_several_images_match_each_prompt_alone(pipes):
+    # where the pipeline mis-pairs its masks (num_images_per_prompt > 1, prompts of different lengths),
+    # the sampler's images equal the pipeline's for each prompt alone (no padding) from the same latents
+    pipe = pipes("qwenimage")
+    size = SIZE["qwenimage"]
+    sampler = FlowSDESampler(pipe, noise_level=0.0)
+    f = sampler.adapter.size_multiple
+    lat = torch.randn(4, (size["height"] // f) * (size["width"] // f), 16, generator=_gen(8))
+    r = sampler.sample(list(PROMPTS), num_images_per_prompt=2, num_inference_steps=2, latents=lat,
+                       guidance_scale=1.0, **size)
+    assert "encoder_hidden_states_mask" in r.cond  # the shorter prompt is padded
+    for p, prompt in enumerate(PROMPTS):
+        alone = pipe(prompt=[prompt], num_images_per_prompt=2, num_inference_steps=2, latents=lat[2 * p:2 * p + 2],
+                     output_type="pt", **size).images
+        torch.testing.assert_close(r.images[2 * p:2 * p + 2], alone, rtol=0, atol=1e-5)

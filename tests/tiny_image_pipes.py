@@ -75,8 +75,8 @@ def _mistral3(vocab_size: int, hidden: int):
     text = dict(model_type="mistral", vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                 num_hidden_layers=30, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
                 max_position_embeddings=1024, pad_token_id=256)
-    vision = dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                  head_dim=8, image_size=32, patch_size=8)
+    vision = dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, head_dim=8, image_size=32, patch_size=8)
     return Mistral3ForConditionalGeneration(Mistral3Config(text_config=text, vision_config=vision,
                                                            vision_feature_layer=-1)).eval()
 

@@ -7,8 +7,9 @@ sampler with its noise turned off reproduces the pipeline. The shared loop
 (``diffrl.samplers.base``) never looks inside a pipeline; it talks to an adapter.
 
 One module per family: ``sd`` (SD 1.x/2.x), ``sdxl``, ``sd3`` (SD3/3.5), ``flux`` (FLUX.1),
-``flux_kontext`` (FLUX.1-Kontext editing), ``wan`` (Wan 2.x text-to-video), ``shapes`` (diffrl's
-built-in model). ``docs/adding-a-family.md`` walks through adding one.
+``flux_kontext`` (FLUX.1-Kontext editing), ``wan`` (Wan 2.x text-to-video), ``flux2`` (FLUX.2),
+``qwenimage`` (Qwen-Image), ``zimage`` (Z-Image), ``shapes`` (diffrl's built-in model).
+``docs/adding-a-family.md`` walks through adding one.
 
 The contract
 ------------
@@ -266,10 +267,10 @@ class Adapter:
 #: order is immaterial.
 _BUILTIN = (
     ("diffrl.models.shapes_model:ShapesPipeline", "diffrl.samplers.families.shapes:ShapesAdapter"),
-    ("diffusers:FluxPipeline", "diffrl.samplers.families.flux:FluxAdapter"),
-    ("diffusers:Flux2Pipeline", "diffrl.samplers.families.flux2:Flux2Adapter"),
-    ("diffusers:QwenImagePipeline", "diffrl.samplers.families.qwenimage:QwenImageAdapter"),
     ("diffusers:ZImagePipeline", "diffrl.samplers.families.zimage:ZImageAdapter"),
+    ("diffusers:QwenImagePipeline", "diffrl.samplers.families.qwenimage:QwenImageAdapter"),
+    ("diffusers:Flux2Pipeline", "diffrl.samplers.families.flux2:Flux2Adapter"),
+    ("diffusers:FluxPipeline", "diffrl.samplers.families.flux:FluxAdapter"),
     ("diffusers:StableDiffusion3Pipeline", "diffrl.samplers.families.sd3:StableDiffusion3Adapter"),
     ("diffusers:StableDiffusionXLPipeline", "diffrl.samplers.families.sdxl:StableDiffusionXLAdapter"),
     ("diffusers:StableDiffusionPipeline", "diffrl.samplers.families.sd:StableDiffusionAdapter"),

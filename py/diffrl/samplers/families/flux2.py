@@ -50,7 +50,8 @@ class Flux2Adapter(Adapter):
     def set_timesteps(self, scheduler, num_inference_steps, latents, options):
         import numpy as np  # noqa: PLC0415
         with quiet_transformers():
-            from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu, retrieve_timesteps  # noqa: PLC0415
+            from diffusers.pipelines.flux2.pipeline_flux2 import (  # noqa: PLC0415
+                compute_empirical_mu, retrieve_timesteps)
 
         sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
         if getattr(scheduler.config, "use_flow_sigmas", False):
