@@ -21,7 +21,7 @@ PROMPTS = ["a red circle", "two blue squares"]
 # odd-ish sizes each family takes (latent grids of odd patch counts where the family allows)
 SIZE = {"qwenimage": dict(height=24, width=40), "zimage": dict(height=24, width=44),
         "flux2": dict(height=28, width=20)}
-# negatives that encode to the prompts' lengths (one model call on [uncond; cond]) or to others (two calls)
+# negatives that encode to the prompts' lengths or to others (padded and masked)
 NEGATIVES = {"joint": ["a red circlx", "two blue squarez"], "split": ["dark", "a dull grey"]}
 
 
@@ -56,6 +56,8 @@ def _sampler_kw(family):
 
 DROP_IN = [("qwenimage", None), ("qwenimage", "joint"), ("qwenimage", "split"),
            ("zimage", None), ("zimage", "empty"), ("zimage", "split"), ("flux2", None)]
+# a CFG setting per family for the tests that need one (negatives of lengths other than the prompts')
+DROP_IN_CFG = {"qwenimage": "split", "zimage": "split", "flux2": None}
 # (the pipelines write into the prompt lists they are given: each call gets a fresh list)
 
 
@@ -76,8 +78,9 @@ def test_drop_in_matches_pipeline(pipes, family, cfg):
     assert (r.guidance_scale is None) == (cfg is None)
     if cfg is not None:
         emb = sampler.model_batch(r.embeddings(), r.embeddings(uncond=True))
-        # Qwen-Image: two calls (SplitCFG) for different lengths; Z-Image pads them into one call
-        assert isinstance(emb, dict) == (cfg == "joint" or family == "zimage")
+        # one model call on [uncond; cond] even where the pipeline makes two (Qwen-Image) and where the
+        # negative encodes to another length (padded, with lengths)
+        assert isinstance(emb, dict)
     torch.testing.assert_close(r.images, expected.float(), rtol=0, atol=2e-6)
     assert r.num_steps == 0
 
@@ -95,6 +98,25 @@ def test_score_reproduces_recorded_log_prob_bitwise(pipes, family, cfg):
         out = sampler.score(r, j)
         assert torch.equal(out.log_prob, r.log_probs[:, j]), (j, out.log_prob - r.log_probs[:, j])
         assert out.log_prob.requires_grad
+
+
+@pytest.mark.parametrize("family", IMAGE_FAMILIES)
+def test_rollouts_of_different_prompt_lengths_concatenate_and_score(pipes, family):
+    # a trainer samples an epoch in several calls and concatenates them: prompt embeddings must not
+    # take each call's own padded length
+    from diffrl.samplers import Rollout  # noqa: PLC0415
+
+    sampler = FlowSDESampler(pipes(family), noise_level=0.7)
+    kw = dict(num_images_per_prompt=2, num_inference_steps=2, **SIZE[family], **_cfg_kw(family, DROP_IN_CFG[family]),
+              **_sampler_kw(family))
+    if "negative_prompt" in kw:
+        kw["negative_prompt"] = "dark"  # one for every prompt
+    parts = [sampler.sample(["a red circle"], generator=_gen(1), **kw),
+             sampler.sample(["two blue squares", "a b"], generator=_gen(2), **kw)]
+    r = Rollout.cat(parts)
+    assert len(r) == 6
+    for j in range(r.num_steps):  # in another batch composition than sampled: close, not bitwise
+        torch.testing.assert_close(sampler.score(r, j).log_prob, r.log_probs[:, j], rtol=0, atol=1e-4)
 
 
 # ---- family specifics -----------------------------------------------------------------------------
@@ -167,7 +189,8 @@ def test_grpo_preset_trains_the_family(tmp_path, family):
 
     pipe = image_pipeline_cache(seed=9)(family)
     res = SIZE[family]["height"]
-    cfg = _config("tiny-sd3-jpeg", tmp_path, epochs=2, save_every=0, resolution=res,
+    # one prompt per sampling call: an epoch concatenates rollouts of prompts of different lengths
+    cfg = _config("tiny-sd3-jpeg", tmp_path, epochs=2, save_every=0, resolution=res, sample_batch_size=2,
                   **({"guidance_scale": 1.0} if family == "qwenimage" else {}))
     tr = GRPOTrainer(cfg, pipeline=pipe, progress=False)
     lora = {n: p.detach().clone() for n, p in tr.sampler.model.named_parameters() if "lora_" in n}
@@ -215,7 +238,8 @@ def test_qwenimage_padded_prompts_with_several_images_match_each_prompt_alone(pi
     lat = torch.randn(4, (size["height"] // f) * (size["width"] // f), 16, generator=_gen(8))
     r = sampler.sample(list(PROMPTS), num_images_per_prompt=2, num_inference_steps=2, latents=lat,
                        guidance_scale=1.0, **size)
-    assert "encoder_hidden_states_mask" in r.cond  # the shorter prompt is padded
+    lens = r.cond["text_lens"].tolist()
+    assert lens[0] < lens[1]  # the shorter prompt is padded (and masked)
     for p, prompt in enumerate(PROMPTS):
         alone = pipe(prompt=[prompt], num_images_per_prompt=2, num_inference_steps=2, latents=lat[2 * p:2 * p + 2],
                      output_type="pt", **size).images

@@ -7,7 +7,7 @@ import torch
 
 from diffrl.samplers.families import Adapter, model_dtype, quiet_transformers
 
-_MASK = "encoder_hidden_states_mask"
+_EMB, _LEN = "encoder_hidden_states", "text_lens"
 
 
 class QwenImageAdapter(Adapter):
@@ -16,8 +16,10 @@ class QwenImageAdapter(Adapter):
 
     CFG is the pipeline's "true CFG" (``true_cfg_scale > 1`` with a negative prompt), combined
     non-linearly: the linear combination is rescaled, token by token, to the norm of the
-    conditional prediction (``guide``). A negative prompt that encodes to another length than the
-    prompt is run as a second model call (the loop's default ``cfg_batch``), as the pipeline does.
+    conditional prediction (``guide``). The prompt embeddings are carried padded to
+    ``max_sequence_length`` with their lengths, and cut and masked per model call: prompt and
+    negative run as one call on ``[uncond; cond]`` (the pipeline makes two), masked where their
+    lengths differ.
     ``guidance_scale`` only feeds a guidance embedding when the transformer has one (the released
     model has none; pass any number then, e.g. 1.0)."""
 
@@ -45,23 +47,18 @@ class QwenImageAdapter(Adapter):
                     / torch.linalg.vector_norm(v, dim=-1, keepdim=True))
 
     def _encode(self, prompts, options):
-        return self.pipe.encode_prompt(prompt=prompts, device=self.device, num_images_per_prompt=1,
-                                       max_sequence_length=options["max_sequence_length"])
+        n = options["max_sequence_length"]
+        emb, mask = self.pipe.encode_prompt(prompt=prompts, device=self.device, num_images_per_prompt=1,
+                                            max_sequence_length=n)
+        # the pipeline pads to the longest prompt of its batch (mask: ones then zeros, or None if
+        # nothing is padded); carried padded to max_sequence_length with the lengths instead, so that
+        # rollouts of separate calls concatenate, and prompt and negative share one model call
+        lens = (torch.full((emb.shape[0],), emb.shape[1], dtype=torch.long, device=emb.device) if mask is None
+                else mask.sum(1))
+        return {_EMB: torch.nn.functional.pad(emb, (0, 0, 0, n - emb.shape[1])), _LEN: lens}
 
     def encode(self, prompts, negative_prompts, do_cfg, options, height, width):
-        emb, mask = self._encode(prompts, options)
-        c = {"encoder_hidden_states": emb}
-        u = neg_mask = None
-        if do_cfg:
-            neg, neg_mask = self._encode(negative_prompts, options)
-            u = {"encoder_hidden_states": neg}
-        # encode_prompt gives no mask when nothing is padded, and the model then attends to every
-        # token; a mask is carried (for both halves, ones where a half is unpadded) only if needed
-        if mask is not None or neg_mask is not None:
-            c[_MASK] = _ones_if_none(mask, emb)
-            if u is not None:
-                u[_MASK] = _ones_if_none(neg_mask, u["encoder_hidden_states"])
-        return c, u, {}
+        return self._encode(prompts, options), (self._encode(negative_prompts, options) if do_cfg else None), {}
 
     def prepare_latents(self, batch, height, width, generator, latents, shared):
         f = self.vae_scale_factor * 2
@@ -85,8 +82,14 @@ class QwenImageAdapter(Adapter):
         guidance = shared.get("guidance")
         if guidance is not None:
             guidance = torch.full([x.shape[0]], float(guidance), device=x.device, dtype=torch.float32)
+        # the batch's text as the pipeline gives it: cut to the longest prompt, masked only if padded
+        # (one host read of the lengths per call)
+        lens = emb[_LEN]
+        ls = lens.tolist()
+        n = max(ls)
+        mask = None if min(ls) == n else (torch.arange(n, device=lens.device) < lens[:, None]).long()
         return model(hidden_states=x, timestep=t.to(x.dtype) / 1000, guidance=guidance,
-                     encoder_hidden_states=emb["encoder_hidden_states"], encoder_hidden_states_mask=emb.get(_MASK),
+                     encoder_hidden_states=emb[_EMB][:, :n], encoder_hidden_states_mask=mask,
                      img_shapes=[[shared["img_shape"]]] * x.shape[0], return_dict=False)[0]
 
     def _mean_std(self, like):
@@ -114,8 +117,3 @@ class QwenImageAdapter(Adapter):
         mean, std = self._mean_std(z)
         return self._postprocess(vae.decode(z * std + mean, return_dict=False)[0][:, :, 0])
 
-
-def _ones_if_none(mask, emb):
-    if mask is not None:
-        return mask
-    return torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device)

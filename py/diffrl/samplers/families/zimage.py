@@ -15,11 +15,11 @@ class ZImageAdapter(Adapter):
     latents, a list of caption features of each prompt's own length, and ``(1000 - t) / 1000``, and
     predicts the negative of the flow velocity (the loop's ``v`` is minus its output).
 
-    The caption features are carried padded ``[P, L, D]`` with their lengths ``[P]`` and unpadded
-    per sample for the model. CFG is on for ``guidance_scale > 0`` (the pipeline's rule) and is
+    The caption features are carried padded to ``max_sequence_length`` ``[P, L, D]`` with their
+    lengths ``[P]`` and cut per sample for the model (one host read of the lengths per call). CFG is on for ``guidance_scale > 0`` (the pipeline's rule) and is
     ``pos + w (pos - neg)``: the loop's linear CFG with weight ``w + 1`` (so ``rollout.guidance_scale``
-    is ``w + 1``); without a negative prompt the pipeline's empty one is used. Prompt and negative are
-    padded to one length and run as one model call, as the pipeline does. The pipeline's
+    is ``w + 1``); without a negative prompt the pipeline's empty one is used. Prompt and negative
+    run as one model call, as in the pipeline. The pipeline's
     ``cfg_normalization`` and ``cfg_truncation < 1`` (a norm cap and a per-step switch of CFG) are
     not supported: asking for them is an error."""
 
@@ -59,13 +59,8 @@ class ZImageAdapter(Adapter):
         pos, neg = self.pipe.encode_prompt(prompt=list(prompts), negative_prompt=negs,
                                            do_classifier_free_guidance=do_cfg, device=self.device,
                                            max_sequence_length=options["max_sequence_length"])
-        return _padded(pos), (_padded(neg) if do_cfg else None), {}
-
-    def cfg_batch(self, cond, uncond):
-        # the lengths travel with the features, so padding both halves to one length is harmless
-        n = max(cond[_EMB].shape[1], uncond[_EMB].shape[1])
-        return {_EMB: torch.cat([_pad_to(uncond[_EMB], n), _pad_to(cond[_EMB], n)]),
-                _LEN: torch.cat([uncond[_LEN], cond[_LEN]])}
+        n = options["max_sequence_length"]
+        return _padded(pos, n), (_padded(neg, n) if do_cfg else None), {}
 
     def prepare_latents(self, batch, height, width, generator, latents, shared):
         # float32 whatever the model's dtype, as the pipeline draws them
@@ -104,7 +99,8 @@ def _pad_to(x, n):
     return torch.nn.functional.pad(x, (0, 0, 0, n - x.shape[1]))
 
 
-def _padded(feats: list) -> dict:
-    n = max(f.shape[0] for f in feats)
+def _padded(feats: list, n: int) -> dict:
+    # padded to max_sequence_length (the tokenizer's cut), so that rollouts of separate calls
+    # concatenate and prompt and negative share one model call; the model sees each unpadded
     lens = torch.tensor([f.shape[0] for f in feats], dtype=torch.long, device=feats[0].device)
     return {_EMB: torch.stack([_pad_to(f[None], n)[0] for f in feats]), _LEN: lens}
