@@ -5,9 +5,10 @@ images (see ``diffrl.rewards.base``)."""
 
 from diffrl.rewards.base import MultiReward, Reward, accepts_condition_images, check_inputs
 from diffrl.rewards.clip import AestheticScore, CLIPScore, PickScore
+from diffrl.rewards.colour import ColourTarget
 from diffrl.rewards.frames import FrameWise
 from diffrl.rewards.jpeg import JpegCompressibility, JpegIncompressibility
 from diffrl.rewards.shapes import ShapesReward
 
 __all__ = ["ShapesReward", "Reward", "MultiReward", "check_inputs", "JpegCompressibility", "JpegIncompressibility",
-           "CLIPScore", "PickScore", "AestheticScore", "FrameWise", "accepts_condition_images"]
+           "CLIPScore", "PickScore", "AestheticScore", "FrameWise", "accepts_condition_images", "ColourTarget"]

@@ -33,10 +33,13 @@ class Reward:
 
     heads: tuple[str, ...] = ("reward",)
     range_slack: float = 1e-3
+    #: whether ``score`` is a torch function of the images whose gradient is wanted (reward backprop):
+    #: then the checked images keep their autograd graph; otherwise they are detached
+    differentiable: bool = False
 
     def __call__(self, images, prompts, group_ids=None) -> dict[str, torch.Tensor]:
         images, prompts, group_ids = check_inputs(images, prompts, group_ids, range_slack=self.range_slack,
-                                                  name=type(self).__name__)
+                                                  name=type(self).__name__, keep_grad=self.differentiable)
         return self.score(images, prompts, group_ids)
 
     def score(self, images: torch.Tensor, prompts: list[str],
@@ -54,8 +57,10 @@ def accepts_condition_images(reward) -> bool:
                for p in params)
 
 
-def check_inputs(images, prompts, group_ids=None, *, range_slack: float = 1e-3, name: str = "reward"):
-    """(images, prompts, group_ids) checked and normalised, or a clear TypeError/ValueError."""
+def check_inputs(images, prompts, group_ids=None, *, range_slack: float = 1e-3, name: str = "reward",
+                 keep_grad: bool = False):
+    """(images, prompts, group_ids) checked and normalised, or a clear TypeError/ValueError. The images come
+    back detached unless ``keep_grad``."""
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{name}: images must be a torch.Tensor [B, 3, H, W], got {type(images).__name__}")
     if not images.is_floating_point():
@@ -68,8 +73,9 @@ def check_inputs(images, prompts, group_ids=None, *, range_slack: float = 1e-3, 
         raise ValueError(f"{name}: empty batch (images has shape {tuple(images.shape)})")
     if images.shape[2] == 0 or images.shape[3] == 0:
         raise ValueError(f"{name}: images have no pixels (shape {tuple(images.shape)})")
-    images = images.detach()
-    lo, hi = torch.stack(torch.aminmax(images)).float().tolist()  # one device-to-host copy
+    if not keep_grad:
+        images = images.detach()
+    lo, hi = torch.stack(torch.aminmax(images.detach())).float().tolist()  # one device-to-host copy
     # NaN fails both comparisons
     if not (lo >= -range_slack and hi <= 1.0 + range_slack):
         raise ValueError(f"{name}: images must be in [0, 1], got values in [{lo:.4g}, {hi:.4g}] "

@@ -208,6 +208,9 @@ class BaseSampler:
         v_uncond, v_cond = out.chunk(2)
         return v_cond, v_uncond
 
+    def _predict_pair(self, x, t, emb, shared, cfg, model):
+        return self.predict(x, t, emb, shared, cfg=cfg, model=model)
+
     def guide(self, v_cond, v_uncond, guidance_scale):
         """The guided prediction from :meth:`predict`'s pair (``v_cond`` when there is no ``v_uncond``),
         combined as the family does (``Adapter.guide``; linear CFG by default)."""
@@ -241,7 +244,8 @@ class BaseSampler:
         return plan
 
     def denoise(self, x, timesteps, plan, emb, shared, guidance_scale, generator=None, *, store_positions=(),
-                model: torch.nn.Module | None = None, grad: bool = False, progress: bool = False) -> DenoiseResult:
+                model: torch.nn.Module | None = None, grad: bool = False, checkpoint: bool = False,
+                progress: bool = False) -> DenoiseResult:
         """Run the steps of ``plan`` (from :meth:`plan_steps`) from float32 latents ``x`` ``[B, ...]``.
 
         ``emb``: from :meth:`model_batch`; ``guidance_scale``: the CFG weight, None for no CFG.
@@ -251,7 +255,8 @@ class BaseSampler:
         is the input of step ``i``, ``T`` the final latent), in the order given. ``model``: the
         denoiser (default the pipeline's). ``grad=True`` runs with autograd on whatever the
         caller's mode (a reward-backprop trainer differentiates the final latent through every
-        step); the default runs without it.
+        step); the default runs without it. ``checkpoint``: with ``grad``, each step's model call is
+        recomputed in the backward pass (``torch.utils.checkpoint``) instead of keeping its activations.
         """
         model = self.model if model is None else model
         cfg = guidance_scale is not None
@@ -268,7 +273,13 @@ class BaseSampler:
             for i in range(T):
                 if i in slot:
                     store[:, slot[i]] = x
-                v_cond, v_uncond = self.predict(x, timesteps[i].expand(B), emb, shared, cfg=cfg, model=model)
+                if checkpoint and grad:
+                    from torch.utils.checkpoint import checkpoint as _recompute  # noqa: PLC0415
+
+                    v_cond, v_uncond = _recompute(self._predict_pair, x, timesteps[i].expand(B), emb, shared, cfg,
+                                                  model, use_reentrant=False)
+                else:
+                    v_cond, v_uncond = self.predict(x, timesteps[i].expand(B), emb, shared, cfg=cfg, model=model)
                 if cfg and not fused_cfg:
                     v_cond, v_uncond = self.adapter.guide(v_cond, v_uncond, guidance_scale), None
                 rec, co = plan[i]
@@ -299,7 +310,8 @@ class BaseSampler:
                negative_prompt=None, generator=None, *, latents: torch.Tensor | None = None,
                group_ids=None, sde_steps="default", decode: bool = True, progress: bool | None = None,
                same_initial_noise: bool = False, share_prefix: bool = False, keep_final_latents: bool = False,
-               grad: bool = False, **options) -> Rollout:
+               grad: bool = False, grad_steps: int | None = None, checkpoint_steps: bool = False,
+               **options) -> Rollout:
         """Sample ``num_images_per_prompt`` images for each prompt and record the stochastic steps.
 
         Arguments mean what they mean for the pipeline's ``__call__`` (and default to its defaults):
@@ -327,7 +339,10 @@ class BaseSampler:
 
         ``grad=True`` runs the steps and the decode with autograd (the images, latents and log-probs
         then carry gradients to the denoiser: reward backpropagation); the prompt encoding and the
-        initial latents stay without. By default nothing is differentiable.
+        initial latents stay without. By default nothing is differentiable. ``grad_steps=K`` (with
+        ``grad``) keeps autograd on the last K steps only (DRaFT-K: the earlier steps run without it);
+        ``checkpoint_steps=True`` recomputes each differentiable step's model call in the backward pass
+        instead of keeping its activations (memory of one step, not of K).
 
         The steps themselves are :meth:`denoise`.
         """
@@ -365,8 +380,23 @@ class BaseSampler:
                                      None if uncond is None else {n: v[first] for n, v in uncond.items()})
             lat = self.denoise(lat[::G], timesteps[:k], plan[:k], emb_p, shared, w, None, grad=grad,
                                progress=show).latents.repeat_interleave(G, dim=0)
-        result = self.denoise(lat, timesteps[k:], plan[k:], emb, shared, w, generator,
-                              store_positions=[p - k for p in positions], grad=grad, progress=show)
+        m = k
+        if grad and grad_steps is not None:
+            if isinstance(grad_steps, bool) or not isinstance(grad_steps, int) or not 1 <= grad_steps <= T:
+                raise ValueError(f"grad_steps must be an int in [1, num_inference_steps = {T}], got {grad_steps!r}")
+            m = max(k, T - grad_steps)
+        if m > k:  # the steps before the differentiable ones, without autograd (their noise drawn in order)
+            head = self.denoise(lat, timesteps[k:m], plan[k:m], emb, shared, w, generator,
+                                store_positions=[p - k for p in positions if p < m], progress=show)
+            tail = self.denoise(head.latents, timesteps[m:], plan[m:], emb, shared, w, generator,
+                                store_positions=[p - m for p in positions if p >= m], grad=True,
+                                checkpoint=checkpoint_steps, progress=show)
+            result = DenoiseResult(tail.latents, torch.cat([head.stored, tail.stored], 1),
+                                   torch.cat([head.log_probs, tail.log_probs], 1))
+        else:
+            result = self.denoise(lat, timesteps[k:], plan[k:], emb, shared, w, generator,
+                                  store_positions=[p - k for p in positions], grad=grad,
+                                  checkpoint=checkpoint_steps and grad, progress=show)
         with torch.set_grad_enabled(grad):
             images = ad.decode(result.latents, height, width) if decode else None
         info = {"family": ad.family, "kind": self.kind, "num_inference_steps": T, "height": height, "width": width,
@@ -498,6 +528,28 @@ class BaseSampler:
                 x = self.denoise(x, timesteps[position:], plan[position:], emb, rollout.shared,
                                  rollout.guidance_scale).latents
             return ad.decode(x, height, width) if decode else x
+
+    def _forward_noise(self, scheduler, i: int, t, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """``x0`` noised to the input level of step ``i`` (timestep ``t``) by the forward process."""
+        raise NotImplementedError
+
+    def last_step_from(self, rollout: Rollout, x0: torch.Tensor, generator=None) -> torch.Tensor:
+        """DRaFT-LV's step: the final latents ``x0`` ``[B, ...]`` of ``rollout``'s trajectories noised afresh
+        (noise from ``generator``) to the last step's input level, and that step taken with autograd (the
+        family's zero-noise step); returns the decoded images ``[B, 3, H, W]``, differentiable in the model."""
+        ad, info = self.adapter, rollout.info
+        T, height, width = int(info["num_inference_steps"]), int(info["height"]), int(info["width"])
+        with torch.no_grad():
+            scheduler = self._make_scheduler()
+            timesteps = ad.set_timesteps(scheduler, T, x0, ad.check_options({}))
+            plan = self.plan_steps(scheduler, timesteps, set())
+            eps = _randn(x0.shape, generator, x0.device)
+            x = self._forward_noise(scheduler, T - 1, timesteps[T - 1], x0.float(), eps)
+        emb = self.model_batch(rollout.embeddings(), rollout.embeddings(uncond=True))
+        out = self.denoise(x, timesteps[T - 1:], plan[T - 1:], emb, rollout.shared, rollout.guidance_scale,
+                           grad=True).latents
+        with torch.enable_grad():
+            return ad.decode(out, height, width)
 
     # ---- scoring ---------------------------------------------------------------------------------
 

@@ -59,5 +59,9 @@ class DDIMSampler(BaseSampler):
         # tests/test_ddim_steps_offset.py compares both with diffusers)
         return schedules.ddim_from_scheduler(scheduler, int(t), self.eta if stochastic else 0.0)
 
+    def _forward_noise(self, scheduler, i, t, x0, eps):
+        a = float(scheduler.alphas_cumprod[int(t)])  # q(x_t | x0) = N(sqrt(A) x0, (1 - A) I)
+        return a ** 0.5 * x0 + (1 - a) ** 0.5 * eps
+
     def _info(self):
         return {"eta": self.eta}

@@ -55,5 +55,9 @@ class FlowSDESampler(BaseSampler):
             return schedules.flow_cps(sigmas, i, self.noise_level)
         return schedules.flow_sde(sigmas, i, self.noise_level)
 
+    def _forward_noise(self, scheduler, i, t, x0, eps):
+        sigma = float(scheduler.sigmas[i])  # rectified flow: x_sigma = (1 - sigma) x0 + sigma eps
+        return (1 - sigma) * x0 + sigma * eps
+
     def _info(self):
         return {"noise_level": self.noise_level, "sde_type": self.sde_type}

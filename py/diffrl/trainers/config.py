@@ -218,6 +218,24 @@ class DDPOConfig(TrainConfig):
         _need(self.eta >= 0, "eta must be >= 0")
 
 
+@dataclass
+class RewardBackpropConfig(TrainConfig):
+    """Reward backpropagation (AlignProp / DRaFT): deterministic sampling with autograd on the last
+    ``grad_steps`` steps, a differentiable reward, ``-reward`` as the loss. The PPO keys do not apply."""
+
+    grad_steps: int = 1                  # DRaFT-K: steps with autograd (num_inference_steps: AlignProp's full chain)
+    checkpoint_steps: bool = True        # recompute each differentiable step's model call in the backward
+    draft_lv: int = 0                    # DRaFT-LV: re-noisings of the final latent stepped with autograd (0: off)
+
+    def validate(self) -> None:
+        super().validate()
+        _need(1 <= self.grad_steps <= self.num_inference_steps,
+              f"grad_steps must be in [1, num_inference_steps = {self.num_inference_steps}], got {self.grad_steps}")
+        _need(self.draft_lv >= 0, f"draft_lv must be >= 0, got {self.draft_lv}")
+        _need(self.draft_lv == 0 or self.grad_steps == 1, "draft_lv (DRaFT-LV) takes grad_steps: 1")
+        _need(self.kl_coef == 0, "kl_coef is not supported by the reward_backprop trainer")
+
+
 def config_to_dict(cfg) -> dict[str, Any]:
     out = dataclasses.asdict(cfg)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}

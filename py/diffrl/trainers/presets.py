@@ -94,6 +94,17 @@ PRESETS: dict[str, dict] = {
         "trainer": "nft",
         "config": {**_TINY_COMMON, "pretrained": "tiny:sd3", "output_dir": "runs/tiny-sd3-nft-jpeg"},
     },
+    # reward backpropagation (DRaFT-K, K = 2 of 3 steps) towards a colour: a differentiable toy reward
+    "tiny-sd3-draft-colour": {
+        "trainer": "reward_backprop",
+        "config": {**_TINY_COMMON, "pretrained": "tiny:sd3", "output_dir": "runs/tiny-sd3-draft-colour",
+                   "reward": {"colour_target": 1.0}, "grad_steps": 2, "lr": 3e-2},
+    },
+    "tiny-sd-draft-colour": {
+        "trainer": "reward_backprop",
+        "config": {**_TINY_COMMON, "pretrained": "tiny:sd", "output_dir": "runs/tiny-sd-draft-colour",
+                   "reward": {"colour_target": 1.0}, "grad_steps": 1, "lr": 3e-2},
+    },
     "tiny-sd-ddpo-jpeg": {
         "trainer": "ddpo",
         "config": {**_TINY_COMMON, "pretrained": "tiny:sd", "output_dir": "runs/tiny-sd-ddpo-jpeg",

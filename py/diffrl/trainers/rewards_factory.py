@@ -44,6 +44,12 @@ def _pickscore(**kw):
     return PickScore.from_pretrained(**kw)
 
 
+def _colour_target(**kw):
+    from diffrl.rewards import ColourTarget  # noqa: PLC0415
+
+    return ColourTarget(**kw)
+
+
 def _shapes(**kw):
     from diffrl.rewards import ShapesReward  # noqa: PLC0415
 
@@ -58,6 +64,7 @@ _FACTORIES = {
     "clipscore": _clip,
     "pickscore": _pickscore,
     "shapes": _shapes,
+    "colour_target": _colour_target,
 }
 REWARD_NAMES = tuple(_FACTORIES)
 
