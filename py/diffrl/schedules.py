@@ -313,6 +313,60 @@ def flow_sde_from_scheduler(scheduler, step_index, noise_level: float, *, sde_ty
     raise ValueError(f"sde_type must be 'sde', 'cps' or 'ode', got {sde_type!r}")
 
 
+def lcm(alphas_cumprod, timestep, prev_timestep, c_skip: float, c_out: float, prediction_type: str = "epsilon", *,
+        last: bool = False, noise: bool = True, final_alpha_cumprod: float | None = None, device=None) -> StepCoeffs:
+    """The Latent Consistency Model's multistep step (RLCM's policy), as an affine Gaussian step.
+
+    With ``A = alphas_cumprod[t]``, ``A' = alphas_cumprod[t_prev]`` and the boundary scalings ``c_skip,
+    c_out`` of ``t``, the consistency function's output is ``denoised = c_skip x + c_out x0(x, v)`` (``x0``
+    from the prediction as in :func:`ddim`), and the step re-noises it to ``t_prev``::
+
+        mean = sqrt(A') denoised,   s = sqrt(1 - A')     (every step but the last; LCMScheduler.step)
+        mean = denoised,            s = 0                (the last step: the sample itself)
+
+    ``noise=False`` gives the step's mean alone (s = 0). Clipping or thresholding x0 is not affine: not
+    supported (the sampler refuses such configs).
+    """
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    ac = _schedule("alphas_cumprod", alphas_cumprod)
+    A = ac[int(timestep)].to(torch.float64)
+    if last:
+        m = torch.ones((), dtype=torch.float64)
+        s = torch.zeros((), dtype=torch.float64)
+    else:
+        Ap = ac[int(prev_timestep)].to(torch.float64) if int(prev_timestep) >= 0 else \
+            torch.tensor(float(final_alpha_cumprod if final_alpha_cumprod is not None else 1.0), dtype=torch.float64)
+        m = Ap.sqrt()
+        s = (1 - Ap).sqrt() if noise else torch.zeros((), dtype=torch.float64)
+    sa, sb = A.sqrt(), (1 - A).sqrt()
+    if prediction_type == "epsilon":  # x0 = (x - sqrt(1-A) v) / sqrt(A)
+        kx, kv = c_skip + c_out / sa, -c_out * sb / sa
+    elif prediction_type == "v_prediction":  # x0 = sqrt(A) x - sqrt(1-A) v
+        kx, kv = c_skip + c_out * sa, -c_out * sb
+    else:  # sample: x0 = v
+        kx, kv = torch.tensor(float(c_skip), dtype=torch.float64), torch.tensor(float(c_out), dtype=torch.float64)
+    return _finish(m * kx, m * kv, s, device)
+
+
+def lcm_from_scheduler(scheduler, step_index: int, *, noise: bool = True, device=None) -> StepCoeffs:
+    """``lcm`` for an ``LCMScheduler`` after ``set_timesteps``: step ``step_index``'s timestep, the next one
+    (the last step keeps its own), the boundary scalings and the prediction type, as its ``step`` reads them."""
+    config = scheduler.config
+    if getattr(config, "clip_sample", False) or getattr(config, "thresholding", False):
+        raise ValueError("the LCM scheduler clips or thresholds x0 (clip_sample/thresholding): its step is not an "
+                         "affine Gaussian step; build it with clip_sample=False, thresholding=False")
+    ts = scheduler.timesteps
+    if ts is None or scheduler.num_inference_steps is None:
+        raise ValueError("call scheduler.set_timesteps(...) first")
+    t = int(ts[step_index])
+    last = step_index == scheduler.num_inference_steps - 1
+    prev = int(ts[step_index + 1]) if step_index + 1 < len(ts) else t
+    c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t)
+    return lcm(scheduler.alphas_cumprod, t, prev, float(c_skip), float(c_out), config.prediction_type, last=last,
+               noise=noise, final_alpha_cumprod=float(scheduler.final_alpha_cumprod), device=device)
+
+
 def ddim_from_scheduler(scheduler, timestep, eta: float, *, device=None) -> StepCoeffs:
     """``ddim`` for a ``DDIMScheduler`` after ``set_timesteps``: the previous timestep, the final alpha
     and the prediction type are read from the scheduler, as its own ``step`` does."""

@@ -15,6 +15,7 @@ family         pipeline                                  scheduler              
 ``sdxl``       StableDiffusionXLPipeline                 DDIMScheduler               4 x H/2
 ``sd3``        StableDiffusion3Pipeline (CLIP x2 + T5)   FlowMatchEulerDiscrete      4 x H/2
 ``flux``       FluxPipeline (guidance embedding)         FlowMatchEulerDiscrete      packed
+``lcm``        LatentConsistencyModelPipeline            LCMScheduler                4 x H/2
 =============  ========================================  ==========================  ========
 
 ``sd3_medium_transformer()`` builds an SD3-medium-shaped transformer (24 joint blocks, width 1536)
@@ -28,7 +29,7 @@ import warnings
 
 import torch
 
-FAMILIES = ("sd", "sd-v", "sdxl", "sd3", "flux", "shapes")
+FAMILIES = ("sd", "sd-v", "sdxl", "sd3", "flux", "shapes", "lcm")
 
 _CLIP_MAX_LEN = 16  # short CLIP context: tiny prompts, fast text towers
 _T5_MAX_LEN = 16
@@ -88,13 +89,15 @@ def _vae(latent_channels: int, *, flow: bool):
     return AutoencoderKL(**kw).eval()
 
 
-def _unet(cross_attention_dim: int, *, sdxl: bool = False):
+def _unet(cross_attention_dim: int, *, sdxl: bool = False, time_cond_proj_dim: int | None = None):
     from diffusers import UNet2DConditionModel  # noqa: PLC0415
 
     kw = dict(block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
               down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=cross_attention_dim,
               norm_num_groups=4, attention_head_dim=(2, 4))
+    if time_cond_proj_dim is not None:  # LCM: the guidance scale's embedding as a model input
+        kw.update(time_cond_proj_dim=time_cond_proj_dim)
     if sdxl:  # SDXL: pooled text embeddings + size/crop conditioning through added_cond_kwargs
         kw.update(addition_embed_type="text_time", addition_time_embed_dim=4,
                   projection_class_embeddings_input_dim=6 * 4 + cross_attention_dim // 2,
@@ -123,6 +126,15 @@ def tiny_pipeline(family: str, *, seed: int = 0, dtype: torch.dtype = torch.floa
             pipe = diffusers.StableDiffusionPipeline(
                 vae=_vae(4, flow=False), text_encoder=_clip_text(16, False), tokenizer=clip_tokenizer(),
                 unet=_unet(16), scheduler=_ddim("v_prediction" if family == "sd-v" else "epsilon"),
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        elif family == "lcm":  # a latent consistency model: SD's UNet with a guidance embedding, LCMScheduler
+            from diffusers import LCMScheduler  # noqa: PLC0415
+
+            pipe = diffusers.LatentConsistencyModelPipeline(
+                vae=_vae(4, flow=False), text_encoder=_clip_text(16, False), tokenizer=clip_tokenizer(),
+                unet=_unet(16, time_cond_proj_dim=8),
+                scheduler=LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       set_alpha_to_one=True, original_inference_steps=50),
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         elif family == "sdxl":
             pipe = diffusers.StableDiffusionXLPipeline(

@@ -1,7 +1,9 @@
-"""``DDPOTrainer``: DDPO on a UNet pipeline (SD 1.x / 2.x, SDXL).
+"""``DDPOTrainer``: DDPO on a UNet pipeline (SD 1.x / 2.x, SDXL), and RLCM on a latent consistency model.
 
 DDIM sampling with stochasticity ``eta`` through ``DDIMSampler``; advantages from a per-prompt stat
 tracker over the rewards of every rank (``use_tracker``), or group-normalised like GRPO without it.
+On a ``LatentConsistencyModelPipeline`` the policy is LCM's own multistep sampler (``LCMSampler``: each step
+re-noises the consistency estimate; ``eta`` does not apply), which is RLCM (Oertell et al. 2024).
 The tracker's histories are part of the checkpoint, so a resumed run normalises as an uninterrupted one.
 """
 
@@ -31,7 +33,12 @@ class DDPOTrainer(BaseTrainer):
         from diffrl.samplers import DDIMSampler  # noqa: PLC0415
         from diffrl.samplers.families import get_adapter  # noqa: PLC0415
 
-        if get_adapter(pipe).kind != "ddim":  # say it in trainer terms, not the sampler's
+        kind = get_adapter(pipe).kind
+        if kind == "lcm":  # RLCM: the consistency model's own stochastic multistep sampler is the policy (eta unused)
+            from diffrl.samplers import LCMSampler  # noqa: PLC0415
+
+            return LCMSampler(pipe)
+        if kind != "ddim":  # say it in trainer terms, not the sampler's
             raise ValueError(f"DDPOTrainer trains DDIM/UNet pipelines (SD 1.5, SDXL); {type(pipe).__name__} is a "
                              "rectified-flow model: train it with GRPOTrainer (trainer: grpo) or NFTTrainer "
                              "(trainer: nft)")

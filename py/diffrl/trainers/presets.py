@@ -105,6 +105,13 @@ PRESETS: dict[str, dict] = {
         "config": {**_TINY_COMMON, "pretrained": "tiny:sd", "output_dir": "runs/tiny-sd-draft-colour",
                    "reward": {"colour_target": 1.0}, "grad_steps": 1, "lr": 3e-2},
     },
+    # RLCM: DDPO's objective on a latent consistency model's own 4-step stochastic sampler
+    "tiny-lcm-ddpo-jpeg": {
+        "trainer": "ddpo",
+        "config": {**_TINY_COMMON, "pretrained": "tiny:lcm", "output_dir": "runs/tiny-lcm-ddpo-jpeg",
+                   "num_inference_steps": 4, "guidance_scale": 6.0, "clip_range": 0.2, "tracker_buffer_size": 16,
+                   "tracker_min_count": 4},
+    },
     "tiny-sd-ddpo-jpeg": {
         "trainer": "ddpo",
         "config": {**_TINY_COMMON, "pretrained": "tiny:sd", "output_dir": "runs/tiny-sd-ddpo-jpeg",

@@ -274,6 +274,7 @@ _BUILTIN = (
     ("diffusers:StableDiffusion3Pipeline", "diffrl.samplers.families.sd3:StableDiffusion3Adapter"),
     ("diffusers:StableDiffusionXLPipeline", "diffrl.samplers.families.sdxl:StableDiffusionXLAdapter"),
     ("diffusers:StableDiffusionPipeline", "diffrl.samplers.families.sd:StableDiffusionAdapter"),
+    ("diffusers:LatentConsistencyModelPipeline", "diffrl.samplers.families.lcm:LCMAdapter"),
     ("diffusers:WanPipeline", "diffrl.samplers.families.wan:WanAdapter"),
     ("diffusers:FluxKontextPipeline", "diffrl.samplers.families.flux_kontext:FluxKontextAdapter"),
 )
@@ -323,7 +324,7 @@ def get_adapter(pipe, kind: str | None = None) -> Adapter:
                          f"{', '.join(supported_pipelines())} (register another family with "
                          "diffrl.samplers.register_adapter)")
     if kind is not None and adapter.kind != kind:
-        want = "FlowSDESampler" if adapter.kind == "flow" else "DDIMSampler"
-        raise ValueError(f"{type(pipe).__name__} is a {'rectified-flow' if adapter.kind == 'flow' else 'DDIM/UNet'} "
-                         f"model: use {want} for it")
+        want, what = {"flow": ("FlowSDESampler", "rectified-flow"), "ddim": ("DDIMSampler", "DDIM/UNet"),
+                      "lcm": ("LCMSampler", "latent consistency")}.get(adapter.kind, (adapter.kind, adapter.kind))
+        raise ValueError(f"{type(pipe).__name__} is a {what} model: use {want} for it")
     return adapter(pipe)
