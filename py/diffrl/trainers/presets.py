@@ -85,6 +85,26 @@ PRESETS: dict[str, dict] = {
                    "max_minutes": 8.0, "train_batch_size": 16, "sde_window": [0, 5], "timestep_fraction": 1.0,
                    "clip_range": 1e-3, "kl_coef": 0.0, "lr": 2e-5},
     },
+    # the GRPO options on the shapes model (same task as shapes-grpo; not tuned: docs/algorithms.md)
+    "shapes-mixgrpo": {
+        "trainer": "grpo",
+        "config": {**_SHAPES_COMMON, "output_dir": "runs/shapes-mixgrpo", "noise_level": 0.7, "epochs": 10_000,
+                   "max_minutes": 8.0, "train_batch_size": 16, "sde_window": [0, 3], "sde_window_move": "slide",
+                   "sde_window_slide_every": 10, "same_initial_noise": True, "share_prefix": True,
+                   "timestep_fraction": 1.0, "clip_range": 1e-3, "kl_coef": 0.0, "lr": 2e-5},
+    },
+    "shapes-densegrpo": {
+        "trainer": "grpo",
+        "config": {**_SHAPES_COMMON, "output_dir": "runs/shapes-densegrpo", "noise_level": 0.7, "epochs": 10_000,
+                   "max_minutes": 8.0, "train_batch_size": 16, "sde_window": [0, 5], "advantage": "dense",
+                   "timestep_fraction": 1.0, "clip_range": 1e-3, "kl_coef": 0.0, "lr": 2e-5},
+    },
+    "shapes-grpo-guard": {
+        "trainer": "grpo",
+        "config": {**_SHAPES_COMMON, "output_dir": "runs/shapes-grpo-guard", "noise_level": 0.7, "epochs": 10_000,
+                   "max_minutes": 8.0, "train_batch_size": 16, "sde_window": [0, 5], "grpo_guard": True,
+                   "timestep_fraction": 1.0, "clip_range": 1e-3, "kl_coef": 0.0, "lr": 2e-5},
+    },
     "tiny-sd3-jpeg": {
         "trainer": "grpo",
         "config": {**_TINY_COMMON, "pretrained": "tiny:sd3", "output_dir": "runs/tiny-sd3-jpeg",
@@ -93,6 +113,39 @@ PRESETS: dict[str, dict] = {
     "tiny-sd3-nft-jpeg": {
         "trainer": "nft",
         "config": {**_TINY_COMMON, "pretrained": "tiny:sd3", "output_dir": "runs/tiny-sd3-nft-jpeg"},
+    },
+    # the GRPO family's options (docs/algorithms.md), one preset each on the tiny SD3 pipeline
+    "tiny-sd3-mixgrpo-jpeg": {  # MixGRPO: a 2-step SDE window sliding every epoch, the group's prefix shared
+        "trainer": "grpo",
+        "config": {**_TINY_COMMON, "pretrained": "tiny:sd3", "output_dir": "runs/tiny-sd3-mixgrpo-jpeg",
+                   "num_inference_steps": 4, "sde_window": [0, 2], "sde_window_move": "slide",
+                   "same_initial_noise": True, "share_prefix": True, "clip_range": 0.2, "noise_level": 0.7},
+    },
+    "tiny-sd3-fast-jpeg": {  # Flow-GRPO-Fast: one stochastic step at a random position per epoch
+        "trainer": "grpo",
+        "config": {**_TINY_COMMON, "pretrained": "tiny:sd3", "output_dir": "runs/tiny-sd3-fast-jpeg",
+                   "num_inference_steps": 4, "sde_window": [0, 1], "sde_window_move": "random",
+                   "same_initial_noise": True, "share_prefix": True, "clip_range": 0.2, "noise_level": 0.7},
+    },
+    "tiny-sd3-dense-jpeg": {  # DenseGRPO: per-step reward gains on ODE completions
+        "trainer": "grpo",
+        "config": {**_TINY_COMMON, "pretrained": "tiny:sd3", "output_dir": "runs/tiny-sd3-dense-jpeg",
+                   "advantage": "dense", "sde_window": [0, 2], "clip_range": 0.2, "noise_level": 0.7},
+    },
+    "tiny-sd3-guard-jpeg": {  # GRPO-Guard: regulated clipping
+        "trainer": "grpo",
+        "config": {**_TINY_COMMON, "pretrained": "tiny:sd3", "output_dir": "runs/tiny-sd3-guard-jpeg",
+                   "grpo_guard": True, "clip_range": 0.2, "noise_level": 0.7},
+    },
+    "tiny-sd3-pref-jpeg": {  # Pref-GRPO: win rates within the group (here from the scalar reward)
+        "trainer": "grpo",
+        "config": {**_TINY_COMMON, "pretrained": "tiny:sd3", "output_dir": "runs/tiny-sd3-pref-jpeg",
+                   "advantage": "win_rate", "clip_range": 0.2, "noise_level": 0.7},
+    },
+    "tiny-sd3-nft-ema-jpeg": {  # DiffusionNFT's off-policy sampler: an EMA of the trained weights
+        "trainer": "nft",
+        "config": {**_TINY_COMMON, "pretrained": "tiny:sd3", "output_dir": "runs/tiny-sd3-nft-ema-jpeg",
+                   "nft_old_policy": "ema", "nft_old_decay": 0.5, "nft_old_decay_ramp": 2},
     },
     # reward backpropagation (DRaFT-K, K = 2 of 3 steps) towards a colour: a differentiable toy reward
     "tiny-sd3-draft-colour": {
