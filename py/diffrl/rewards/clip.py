@@ -18,7 +18,8 @@ calls on the model's device:
 * attention: transformers' CLIP model with ``attn_implementation="diffrl"``
   (:mod:`diffrl.rewards.hf_attention`): ``diffrl.ops.reward_attention`` with the prompts' lengths.
 
-Rewards are computed without gradients (``torch.no_grad``) and returned as float32 [B] on the
+Rewards are computed without gradients (``torch.no_grad``; ``differentiable=True`` keeps the images'
+gradient for reward backpropagation, with ``match_pil=False``) and returned as float32 [B] on the
 images' device.
 """
 
@@ -182,10 +183,20 @@ def _load_clip(cls_name: str, path: str, *, dtype, device, attn_implementation: 
 class _ClipReward(Reward):
     """Shared machinery: the model, its preprocessing, the device hand-over, the attention backend."""
 
-    def __init__(self, model: nn.Module, preprocess: ImagePreprocess, *, attention_backend: str = "auto"):
+    def __init__(self, model: nn.Module, preprocess: ImagePreprocess, *, attention_backend: str = "auto",
+                 differentiable: bool = False):
+        if differentiable and preprocess.match_pil:
+            raise ValueError(f"{type(self).__name__}: differentiable=True needs match_pil=False (PIL's uint8 "
+                             "rounding has no gradient)")
         self.model = model.eval()
         self.preprocess = preprocess
+        # reward backprop: the score is then a torch function of the images (the frozen model's weights get no
+        # gradient; the attention runs diffrl's reference under autograd)
+        self.differentiable = bool(differentiable)
         self.set_attention_backend(attention_backend)
+
+    def _grad(self):
+        return torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled())
 
     def set_attention_backend(self, backend: str) -> None:
         """The ``reward_attention`` backend the "diffrl" attention uses ("auto", "torch", "triton", "flash_attn")."""
@@ -214,8 +225,9 @@ class _ClipTextReward(_ClipReward):
 
     heads = ("reward", "cosine")
 
-    def __init__(self, model, tokenizer, preprocess: ImagePreprocess, *, attention_backend: str = "auto"):
-        super().__init__(model, preprocess, attention_backend=attention_backend)
+    def __init__(self, model, tokenizer, preprocess: ImagePreprocess, *, attention_backend: str = "auto",
+                 differentiable: bool = False):
+        super().__init__(model, preprocess, attention_backend=attention_backend, differentiable=differentiable)
         self.tokenizer = tokenizer
         # the diffrl attention reads lengths from a right-padded mask (CLIP tokenizers pad right already)
         self.tokenizer.padding_side = "right"
@@ -225,19 +237,22 @@ class _ClipTextReward(_ClipReward):
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str, *, processor: str | None = None, device=None, dtype=None,
                         attn_implementation: str = hf_attention.NAME, attention_backend: str = "auto",
-                        match_pil: bool = True, **kwargs):
+                        match_pil: bool | None = None, differentiable: bool = False, **kwargs):
         """Load a transformers CLIPModel checkpoint; the tokenizer and ``preprocessor_config.json`` come
         from ``processor`` (default: the same path). ``attn_implementation`` other than "diffrl"
         ("eager", "sdpa") gives transformers' own attention (for comparisons); ``match_pil``: see
-        the module docstring; other keywords go to transformers' ``from_pretrained``."""
+        the module docstring (default True, False with ``differentiable``); ``differentiable``: the
+        score keeps the images' gradient (reward backprop); other keywords go to transformers'
+        ``from_pretrained``."""
         from transformers import AutoTokenizer  # noqa: PLC0415
 
         processor = processor or path_or_hub_id
         model = _load_clip("CLIPModel", path_or_hub_id, dtype=dtype, device=device,
                            attn_implementation=attn_implementation, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(processor)
+        match_pil = not differentiable if match_pil is None else match_pil
         return cls(model, tokenizer, ImagePreprocess.from_pretrained(processor, match_pil),
-                   attention_backend=attention_backend)
+                   attention_backend=attention_backend, differentiable=differentiable)
 
     def text_embeds(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(L2-normalised float32 embeddings [P, E] of the distinct prompts, index [B] of each prompt's row)."""
@@ -257,10 +272,10 @@ class _ClipTextReward(_ClipReward):
     def from_cosine(self, cos: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    @torch.no_grad()
     def score(self, images, prompts, group_ids):
-        cos = self.cosine(images, prompts)
-        return {"reward": self.from_cosine(cos).to(images.device), "cosine": cos.to(images.device)}
+        with self._grad():
+            cos = self.cosine(images, prompts)
+            return {"reward": self.from_cosine(cos).to(images.device), "cosine": cos.to(images.device)}
 
 
 class CLIPScore(_ClipTextReward):
@@ -268,8 +283,10 @@ class CLIPScore(_ClipTextReward):
     transformers CLIP checkpoint (default ``openai/clip-vit-large-patch14``). Heads: ``reward``,
     ``cosine``. (torchmetrics' CLIPScore is ``100 * max(cos, 0)``: pass ``w=100``.)"""
 
-    def __init__(self, model, tokenizer, preprocess, *, w: float = 2.5, attention_backend: str = "auto"):
-        super().__init__(model, tokenizer, preprocess, attention_backend=attention_backend)
+    def __init__(self, model, tokenizer, preprocess, *, w: float = 2.5, attention_backend: str = "auto",
+                 differentiable: bool = False):
+        super().__init__(model, tokenizer, preprocess, attention_backend=attention_backend,
+                         differentiable=differentiable)
         self.w = float(w)
 
     @classmethod
@@ -322,14 +339,16 @@ class AestheticScore(_ClipReward):
 
     heads = ("reward",)
 
-    def __init__(self, model, head: AestheticHead, preprocess: ImagePreprocess, *, attention_backend: str = "auto"):
-        super().__init__(model, preprocess, attention_backend=attention_backend)
+    def __init__(self, model, head: AestheticHead, preprocess: ImagePreprocess, *, attention_backend: str = "auto",
+                 differentiable: bool = False):
+        super().__init__(model, preprocess, attention_backend=attention_backend, differentiable=differentiable)
         self.head = head.eval().requires_grad_(False).to(device=self.device, dtype=torch.float32)
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str, *, clip: str = CLIP_VIT_L14, filename: str = AESTHETIC_FILENAME,
                         device=None, dtype=None, attn_implementation: str = hf_attention.NAME,
-                        attention_backend: str = "auto", match_pil: bool = True, **kwargs):
+                        attention_backend: str = "auto", match_pil: bool | None = None, differentiable: bool = False,
+                        **kwargs):
         """``path_or_hub_id``: the head's ``.pth`` state dict (LAION's
         ``sac+logos+ava1-l14-linearMSE.pth``), a folder holding ``filename``, or a hub id whose
         repository holds it; ``clip``: the CLIP checkpoint whose image tower it reads."""
@@ -362,8 +381,10 @@ class AestheticScore(_ClipReward):
         if proj != head.layers[0].in_features:
             raise ValueError(f"the aesthetic head takes {head.layers[0].in_features}-dim embeddings but {clip} "
                              f"projects to {proj}")
-        return cls(model, head, ImagePreprocess.from_pretrained(clip, match_pil), attention_backend=attention_backend)
+        match_pil = not differentiable if match_pil is None else match_pil
+        return cls(model, head, ImagePreprocess.from_pretrained(clip, match_pil), attention_backend=attention_backend,
+                   differentiable=differentiable)
 
-    @torch.no_grad()
     def score(self, images, prompts, group_ids):
-        return {"reward": self.head(self.image_embeds(images))[:, 0].to(images.device)}
+        with self._grad():
+            return {"reward": self.head(self.image_embeds(images))[:, 0].to(images.device)}
