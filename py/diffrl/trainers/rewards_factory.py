@@ -58,6 +58,14 @@ def _hpsv2(**kw):
     return HPSv2Score.from_pretrained(kw.pop("path"), **kw)
 
 
+def _image_reward(**kw):
+    from diffrl.rewards import ImageRewardScore  # noqa: PLC0415
+
+    if "path" not in kw:
+        raise ValueError("reward 'image_reward' needs a path: reward_kwargs.<name>.path, the ImageReward.pt file")
+    return ImageRewardScore.from_pretrained(kw.pop("path"), **kw)
+
+
 def _shapes(**kw):
     from diffrl.rewards import ShapesReward  # noqa: PLC0415
 
@@ -75,6 +83,8 @@ _FACTORIES = {
     "colour_target": _colour_target,
     "hpsv2": _hpsv2,
     "hps": _hpsv2,
+    "image_reward": _image_reward,
+    "imagereward": _image_reward,
 }
 REWARD_NAMES = tuple(_FACTORIES)
 
