@@ -555,3 +555,22 @@ def test_image_reward_from_the_reward_factory(ir_files):
     assert isinstance(build_rewards({"imagereward": 1.0}, {"imagereward": kw}), ImageRewardScore)
     with pytest.raises(ValueError, match="needs a path"):
         build_reward("image-reward")
+
+
+def test_bfloat16_models_stay_close_to_float32(hps_files, ir_files):
+    """bf16 weights and activations (what a GPU run uses): within bf16's ~3 significant digits."""
+    imgs = torch.rand(4, 3, 40, 36)
+    d, _, _ = hps_files
+    want = load_hps(d / "bare.pt", d / "tokenizer")(imgs, PROMPTS[:4])
+    bf16 = load_hps(d / "bare.pt", d / "tokenizer", dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16
+    got = bf16(imgs, PROMPTS[:4])
+    assert got["reward"].dtype == torch.float32
+    torch.testing.assert_close(got["cosine"], want["cosine"], rtol=0, atol=1.5e-2)  # measured: ~4e-3
+    d, _, _ = ir_files
+    want = load_ir(d / "ImageReward.pt", d / "bert")(imgs, IR_PROMPTS[:4])
+    bf16 = load_ir(d / "ImageReward.pt", d / "bert", dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16 and bf16.model.mlp.layers[0].weight.dtype == torch.float32
+    got = bf16(imgs, IR_PROMPTS[:4])
+    assert got["reward"].dtype == torch.float32
+    torch.testing.assert_close(got["reward"], want["reward"], rtol=0, atol=3e-2)  # measured: ~5e-3
