@@ -270,6 +270,9 @@ def test_hps_checkpoint_errors(hps_files, tmp_path):
     torch.save({"state_dict": [1, 2]}, tmp_path / "junk.pt")
     with pytest.raises(ValueError, match="not a state dict"):
         load_hps(tmp_path / "junk.pt", tok_dir)
+    torch.save({**state, "transformer.resblocks.1.mlp.c_fc.weight": torch.randn(50, HPS["wt"])}, tmp_path / "shape.pt")
+    with pytest.raises(ValueError, match="shapes do not fit.*transformer.resblocks.1.mlp.c_fc.weight"):
+        load_hps(tmp_path / "shape.pt", tok_dir)
     with pytest.raises(ValueError, match="not a multiple of the head width"):
         HPSv2Score.from_pretrained(str(d / "bare.pt"), tokenizer=str(tok_dir), vision_head_width=80)
 
@@ -529,6 +532,10 @@ def test_image_reward_checkpoint_errors(ir_files, tmp_path):
     torch.save({"state_dict": state}, tmp_path / "wrapped.pt")
     exact = load_ir(tmp_path / "wrapped.pt", tok_dir)(imgs, ["sky", "a red cat"])
     torch.testing.assert_close(lenient["reward"], exact["reward"], rtol=0, atol=0)
+    wrong = {**state, "blip.visual_encoder.blocks.1.mlp.fc1.weight": torch.randn(50, IR["wv"])}
+    torch.save(wrong, tmp_path / "shape.pt")
+    with pytest.raises(RuntimeError, match="size mismatch for blip.visual_encoder.blocks.1.mlp.fc1.weight"):
+        load_ir(tmp_path / "shape.pt", tok_dir)
     small = {**state, "blip.text_encoder.embeddings.word_embeddings.weight": torch.randn(8, IR["wt"])}
     torch.save(small, tmp_path / "small_vocab.pt")
     with pytest.raises(ValueError, match="the tokenizer has 19 tokens but the checkpoint embeds 8"):

@@ -98,9 +98,10 @@ def _depth(state: dict, prefix: str) -> int:
     return max(ids) + 1 if ids else 0
 
 
-def open_clip_to_transformers(state: dict, *, strict: bool = True) -> dict:
-    """open_clip CLIP keys -> transformers CLIPModel keys. Missing keys are an error; keys that are
-    not part of the architecture are too unless ``strict=False`` (then dropped)."""
+def open_clip_to_transformers(state: dict, *, strict: bool = True) -> tuple[dict, dict]:
+    """open_clip CLIP keys -> transformers CLIPModel keys: (the mapped state dict, the open_clip key
+    of each transformers key). Missing keys are an error; keys that are not part of the architecture
+    are too unless ``strict=False`` (then dropped)."""
     depths = (_depth(state, "transformer.resblocks."), _depth(state, "visual.transformer.resblocks."))
     expected = published_keys(*depths)
     missing = [k for k in expected if k not in state]
@@ -111,18 +112,19 @@ def open_clip_to_transformers(state: dict, *, strict: bool = True) -> dict:
     if unknown and strict:
         raise ValueError(f"HPSv2 checkpoint: unknown keys {unknown[:8]}{' ...' if len(unknown) > 8 else ''} "
                        "(not part of an open_clip ViT CLIP; pass strict=False to ignore them)")
-    out = {}
+    out, source = {}, {}
     for k, new in {**_TEXT, **_VISION}.items():
-        out[new] = state[k].t() if k in _TRANSPOSED else state[k]
+        out[new], source[new] = (state[k].t() if k in _TRANSPOSED else state[k]), k
     for (src, dst), n in zip(_TOWERS, depths):
         for i in range(n):
             for k, new in _BLOCK.items():
-                out[f"{dst}{i}.{new}"] = state[f"{src}{i}.{k}"]
+                out[f"{dst}{i}.{new}"], source[f"{dst}{i}.{new}"] = state[f"{src}{i}.{k}"], f"{src}{i}.{k}"
             for kind, packed in zip(("weight", "bias"), _IN_PROJ):
                 q, k_, v = state[f"{src}{i}.{packed}"].chunk(3, dim=0)
                 for name, t in zip("qkv", (q, k_, v)):
                     out[f"{dst}{i}.self_attn.{name}_proj.{kind}"] = t
-    return out
+                    source[f"{dst}{i}.self_attn.{name}_proj.{kind}"] = f"{src}{i}.{packed}"
+    return out, source
 
 
 def clip_config(state: dict, *, tokenizer=None, vision_head_width: int = VISION_HEAD_WIDTH,
@@ -218,9 +220,15 @@ class HPSv2Score(_ClipTextReward):
         if isinstance(tokenizer, str):
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         state = load_state_dict(path)
-        mapped = open_clip_to_transformers(state, strict=strict)
+        mapped, source = open_clip_to_transformers(state, strict=strict)
         config = clip_config(state, tokenizer=tokenizer, vision_head_width=vision_head_width,
                              text_head_width=text_head_width)
+        with torch.device("meta"):  # the shapes the config implies, without allocating
+            shapes = {k: v.shape for k, v in CLIPModel(config).state_dict().items()}
+        bad = sorted({source[k] for k, v in mapped.items() if k in shapes and v.shape != shapes[k]})
+        if bad:
+            raise ValueError(f"HPSv2 checkpoint: tensors whose shapes do not fit the model's: {bad[:8]}"
+                             f"{' ...' if len(bad) > 8 else ''}")
         vocab = config.text_config.vocab_size
         if len(tokenizer) > vocab:
             raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the checkpoint embeds {vocab}")
