@@ -20,6 +20,8 @@ from diffrl.rewards import HPSv2Score, ImageRewardScore
 from diffrl.rewards.hps import LongestEdgePreprocess
 from diffrl.rewards.image_reward import ShortEdgePreprocess
 
+from conftest import available
+
 transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
 
@@ -581,3 +583,17 @@ def test_bfloat16_models_stay_close_to_float32(hps_files, ir_files):
     got = bf16(imgs, IR_PROMPTS[:4])
     assert got["reward"].dtype == torch.float32
     torch.testing.assert_close(got["reward"], want["reward"], rtol=0, atol=3e-2)  # measured: ~5e-3
+
+
+@pytest.mark.slow  # the interpreted kernel: 10-40 s on a loaded 2-core machine
+@pytest.mark.skipif(not available("triton"), reason="needs triton (interpreter)")
+def test_triton_backend_inside_image_reward(ir_files):
+    """Text self-attention with lengths, cross-attention with Lq != Lk, the image tower: the triton
+    kernel (interpreted) against the reference. (HPSv2Score runs the CLIP machinery whose triton path
+    tests/test_rewards.py checks.)"""
+    imgs = torch.rand(2, 3, 32, 32)
+    d, _, _ = ir_files
+    ir = load_ir(d / "ImageReward.pt", d / "bert", attention_backend="torch")
+    want = ir(imgs, ["a red cat", "sky"])
+    ir.set_attention_backend("triton")
+    torch.testing.assert_close(ir(imgs, ["a red cat", "sky"])["reward"], want["reward"], rtol=1e-5, atol=1e-5)
