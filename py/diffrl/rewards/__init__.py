@@ -7,8 +7,11 @@ from diffrl.rewards.base import MultiReward, Reward, accepts_condition_images, c
 from diffrl.rewards.clip import AestheticScore, CLIPScore, PickScore
 from diffrl.rewards.colour import ColourTarget
 from diffrl.rewards.frames import FrameWise
+from diffrl.rewards.hps import HPSv2Score
+from diffrl.rewards.image_reward import ImageRewardScore
 from diffrl.rewards.jpeg import JpegCompressibility, JpegIncompressibility
 from diffrl.rewards.shapes import ShapesReward
 
 __all__ = ["ShapesReward", "Reward", "MultiReward", "check_inputs", "JpegCompressibility", "JpegIncompressibility",
            "CLIPScore", "PickScore", "AestheticScore", "FrameWise", "accepts_condition_images", "ColourTarget"]
+__all__ += ["HPSv2Score", "ImageRewardScore"]

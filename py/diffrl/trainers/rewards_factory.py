@@ -50,6 +50,22 @@ def _colour_target(**kw):
     return ColourTarget(**kw)
 
 
+def _hpsv2(**kw):
+    from diffrl.rewards import HPSv2Score  # noqa: PLC0415
+
+    if "path" not in kw:
+        raise ValueError("reward 'hpsv2' needs a path: reward_kwargs.<name>.path, the HPS_v2*_compressed.pt file")
+    return HPSv2Score.from_pretrained(kw.pop("path"), **kw)
+
+
+def _image_reward(**kw):
+    from diffrl.rewards import ImageRewardScore  # noqa: PLC0415
+
+    if "path" not in kw:
+        raise ValueError("reward 'image_reward' needs a path: reward_kwargs.<name>.path, the ImageReward.pt file")
+    return ImageRewardScore.from_pretrained(kw.pop("path"), **kw)
+
+
 def _shapes(**kw):
     from diffrl.rewards import ShapesReward  # noqa: PLC0415
 
@@ -65,6 +81,10 @@ _FACTORIES = {
     "pickscore": _pickscore,
     "shapes": _shapes,
     "colour_target": _colour_target,
+    "hpsv2": _hpsv2,
+    "hps": _hpsv2,
+    "image_reward": _image_reward,
+    "imagereward": _image_reward,
 }
 REWARD_NAMES = tuple(_FACTORIES)
 
