@@ -73,7 +73,7 @@ def formula(pw, pl, rw, rl, tw, tl, beta, weights=None):
 
 
 def close(a, b, what, rtol, atol):
-    a, b = float(a), float(b)
+    a, b = (float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for v in (a, b))
     assert abs(a - b) <= atol + rtol * abs(b), f"{what}: {a!r} vs {b!r} (diff {abs(a - b):.3g})"
 
 

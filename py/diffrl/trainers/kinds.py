@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from diffrl.trainers.config import DDPOConfig, GRPOConfig, NFTConfig, TrainConfig
+from diffrl.trainers.config import DDPOConfig, DPOConfig, GRPOConfig, NFTConfig, TrainConfig
 
 __all__ = ["TrainerKind", "KINDS", "get_kind"]
 
@@ -30,6 +30,7 @@ KINDS: dict[str, TrainerKind] = {k.name: k for k in (
                 "diffrl.trainers.grpo:GRPOTrainer"),
     TrainerKind("nft", "NFT (forward-process GRPO)", NFTConfig, "diffrl.trainers.nft:NFTTrainer"),
     TrainerKind("ddpo", "DDPO", DDPOConfig, "diffrl.trainers.ddpo:DDPOTrainer"),
+    TrainerKind("dpo", "Diffusion-DPO", DPOConfig, "diffrl.trainers.dpo:DPOTrainer"),
 )}
 
 
