@@ -45,9 +45,9 @@ def _first_minibatch(tr, epoch=1):
     return data, state, idx, data.batch[idx]
 
 
-@pytest.mark.parametrize("preset,pretrained,prediction", [("tiny-sd-dpo", "tiny:sd", "epsilon"),
-                                                          ("tiny-sd-dpo", "tiny:sd-v", "v_prediction"),
-                                                          ("tiny-sd3-dpo", "tiny:sd3", "flow")])
+@pytest.mark.parametrize("preset,pretrained,prediction", [("tiny-sd-dpo-jpeg", "tiny:sd", "epsilon"),
+                                                          ("tiny-sd-dpo-jpeg", "tiny:sd-v", "v_prediction"),
+                                                          ("tiny-sd3-dpo-jpeg", "tiny:sd3", "flow")])
 def test_trainer_loss_is_the_float64_formula_on_its_noised_pairs(tmp_path, preset, pretrained, prediction):
     tr = DPOTrainer(_config(preset, tmp_path, pretrained=pretrained, dpo_beta=700.0), progress=False)
     obj = tr.objective
@@ -96,10 +96,10 @@ def test_trainer_loss_is_the_float64_formula_on_its_noised_pairs(tmp_path, prese
 
 
 def test_at_the_start_policy_equals_reference_and_the_loss_is_log_2(tmp_path):
-    tr = DPOTrainer(_config("tiny-sd3-dpo", tmp_path), progress=False)
+    tr = DPOTrainer(_config("tiny-sd3-dpo-jpeg", tmp_path), progress=False)
     _, state, idx, sub = _first_minibatch(tr)
     loss, stats = tr.objective.loss(state, sub, idx, 0)
-    assert abs(float(loss) - math.log(2) * float(sub.weights.mean())) < 1e-6
+    assert abs(float(loss.detach()) - math.log(2) * float(sub.weights.mean())) < 1e-6
     assert float(stats["dpo_accuracy"]) == 0.0
 
 
@@ -109,7 +109,7 @@ def test_online_pairs_are_the_best_and_worst_of_each_group(tmp_path):
     best, worst, w = best_and_worst(r, g)
     assert best.tolist() == [1, 2, 6] and worst.tolist() == [5, 2, 7] and w.tolist() == [1.0, 0.0, 1.0]
 
-    tr = DPOTrainer(_config("tiny-sd-dpo", tmp_path), progress=False)
+    tr = DPOTrainer(_config("tiny-sd-dpo-jpeg", tmp_path), progress=False)
     data = tr.data.collect(1)
     lb = tr.last_batch
     rew, gids = lb["rewards"], lb["group_ids"]
@@ -122,11 +122,11 @@ def test_online_pairs_are_the_best_and_worst_of_each_group(tmp_path):
 
 def test_resume_equals_uninterrupted(tmp_path):
     over = {"epochs": 2, "save_every": 1}
-    straight = DPOTrainer(_config("tiny-sd3-dpo", tmp_path / "a", **over), progress=False)
+    straight = DPOTrainer(_config("tiny-sd3-dpo-jpeg", tmp_path / "a", **over), progress=False)
     straight.train()
-    DPOTrainer(_config("tiny-sd3-dpo", tmp_path / "b", **{**over, "epochs": 1}), progress=False).train()
+    DPOTrainer(_config("tiny-sd3-dpo-jpeg", tmp_path / "b", **{**over, "epochs": 1}), progress=False).train()
     assert latest_checkpoint(tmp_path / "b" / "checkpoints").name == "epoch-000001"
-    resumed = DPOTrainer(_config("tiny-sd3-dpo", tmp_path / "b", **over), resume=True, progress=False)
+    resumed = DPOTrainer(_config("tiny-sd3-dpo-jpeg", tmp_path / "b", **over), resume=True, progress=False)
     assert resumed.resumed_from == 1
     (rec,) = resumed.train()
     a, b = straight.trained_weights(), resumed.trained_weights()
@@ -172,7 +172,7 @@ def test_offline_pickapic_folder_loads_and_trains_one_epoch(tmp_path):
     for r, row in zip(recs, rows):
         assert r.caption == row["caption"]
         assert r.preferred.name == (row["jpg_0"] if row["label_0"] == 1.0 else row["jpg_1"])
-    cfg = _config("tiny-sd-dpo", tmp_path / "run", dpo_data="offline", dpo_dataset=str(tmp_path / "data"),
+    cfg = _config("tiny-sd-dpo-jpeg", tmp_path / "run", dpo_data="offline", dpo_dataset=str(tmp_path / "data"),
                   prompts_per_epoch=3, train_batch_size=3)
     tr = DPOTrainer(cfg, progress=False)
     before = {k: v.detach().clone() for k, v in tr.trainable.items()}
@@ -225,7 +225,7 @@ def test_bad_configs_name_the_key(tmp_path):
 
 
 def test_cli_runs_the_preset(tmp_path):
-    rc = main(["train", "--preset", "tiny-sd-dpo", "--epochs", "1", "--output-dir", str(tmp_path), "--no-progress",
+    rc = main(["train", "--preset", "tiny-sd-dpo-jpeg", "--epochs", "1", "--output-dir", str(tmp_path), "--no-progress",
                "num_inference_steps=1"])
     assert rc == 0
     (rec,) = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -238,7 +238,7 @@ def test_training_on_fixed_pairs_lowers_the_held_out_loss(tmp_path):
     its spread over draws. (The tiny UNet with epsilon prediction learns these pairs far more slowly:
     its preference signal is confined to the low-noise timesteps; not used here.)"""
     write_pickapic_folder(tmp_path / "data", n_pairs=4, tie=False)
-    cfg = _config("tiny-sd3-dpo", tmp_path / "run", dpo_data="offline", dpo_dataset=str(tmp_path / "data"),
+    cfg = _config("tiny-sd3-dpo-jpeg", tmp_path / "run", dpo_data="offline", dpo_dataset=str(tmp_path / "data"),
                   prompts_per_epoch=4, train_batch_size=4, epochs=6, inner_epochs=4, lr=3e-3, dpo_beta=2000.0)
     tr = DPOTrainer(cfg, progress=False)
     obj = tr.objective
@@ -260,3 +260,29 @@ def test_training_on_fixed_pairs_lowers_the_held_out_loss(tmp_path):
     assert abs(float(before.mean()) - math.log(2)) < 1e-6
     assert float(after.mean()) < math.log(2) - 2 * float(after.std()) / math.sqrt(len(after)), \
         f"held-out loss {after.mean():.4f} +- {after.std():.4f} did not fall below log 2"
+
+
+def test_online_dpo_raises_the_reward_on_held_out_seeds(tmp_path):
+    """Online DPO with mean brightness as the reward (the brighter image of each group preferred), 40
+    optimizer steps of the tiny SD3 model: 16 images sampled from fixed seeds before and after training
+    are brighter after, paired, by more than 4 standard errors (measured: +0.00098 +- 0.00004)."""
+    def brightness(images, prompts):
+        return {"reward": images.float().mean(dim=(1, 2, 3))}
+
+    cfg = _config("tiny-sd3-dpo-jpeg", tmp_path, prompts_per_epoch=4, group_size=4, train_batch_size=4, epochs=10,
+                  inner_epochs=4, lr=3e-3, dpo_beta=2000.0)
+    tr = DPOTrainer(cfg, reward=brightness, progress=False)
+
+    def probe():
+        with torch.no_grad():
+            r = tr.sampler.sample(tr.prompts, num_images_per_prompt=4, num_inference_steps=cfg.num_inference_steps,
+                                  guidance_scale=cfg.guidance_scale, height=32, width=32,
+                                  generator=torch.Generator().manual_seed(123))
+        return brightness(r.images, None)["reward"].double()
+
+    before = probe()
+    records = tr.train()
+    delta = probe() - before
+    se = float(delta.std()) / math.sqrt(len(delta))
+    assert float(delta.mean()) > 4 * se, f"brightness change {delta.mean():.5f} +- {se:.5f}"
+    assert all(math.isfinite(r["loss"]) for r in records)

@@ -101,14 +101,14 @@ PRESETS: dict[str, dict] = {
     },
     # Diffusion-DPO on online pairs (the best vs the worst of each group by the reward); dpo_beta is
     # the official code's beta_dpo (5000 for SD1.5 / SDXL), smaller here for the random tiny models
-    "tiny-sd-dpo": {
+    "tiny-sd-dpo-jpeg": {
         "trainer": "dpo",
-        "config": {**_TINY_COMMON, "pretrained": "tiny:sd", "output_dir": "runs/tiny-sd-dpo", "dpo_beta": 500.0,
+        "config": {**_TINY_COMMON, "pretrained": "tiny:sd", "output_dir": "runs/tiny-sd-dpo-jpeg", "dpo_beta": 500.0,
                    "group_size": 4},
     },
-    "tiny-sd3-dpo": {
+    "tiny-sd3-dpo-jpeg": {
         "trainer": "dpo",
-        "config": {**_TINY_COMMON, "pretrained": "tiny:sd3", "output_dir": "runs/tiny-sd3-dpo", "dpo_beta": 500.0,
+        "config": {**_TINY_COMMON, "pretrained": "tiny:sd3", "output_dir": "runs/tiny-sd3-dpo-jpeg", "dpo_beta": 500.0,
                    "group_size": 4},
     },
 }
