@@ -21,6 +21,7 @@ namespace py = pybind11;
 namespace diffrl {
 void bind_sde_step(py::module_& m);
 void bind_advantages(py::module_& m);
+void bind_dpo_loss(py::module_& m);
 }  // namespace diffrl
 
 namespace {
@@ -80,4 +81,5 @@ PYBIND11_MODULE(_C, m) {
       "Force the CPU kernels' instruction set; returns False if this CPU or build lacks it");
   diffrl::bind_sde_step(m);
   diffrl::bind_advantages(m);
+  diffrl::bind_dpo_loss(m);
 }

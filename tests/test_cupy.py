@@ -32,13 +32,14 @@ from diffrl.ops import _cupy_backend as cb
 from diffrl.ops import _dispatch
 from diffrl.ops import _native_backend as nb
 from diffrl.ops import advantages as adv_mod
+from diffrl.ops import dpo as dpo_mod
 from diffrl.ops import loss as loss_mod
 from diffrl.ops import sde as sde_mod
 
 from conftest import HAS_GPU, available
 
 SRC = cb.source_dir()
-HEADERS = ("sde_step_kernels.cuh", "advantages_kernels.cuh")
+HEADERS = ("sde_step_kernels.cuh", "advantages_kernels.cuh", "dpo_loss_kernels.cuh")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,7 +98,7 @@ def test_unavailable_here_with_reason(capsys):
 
 
 def test_ops_implement_cupy():
-    for mod in (sde_mod, adv_mod, loss_mod):
+    for mod in (sde_mod, adv_mod, loss_mod, dpo_mod):
         assert "cupy" in mod.IMPLEMENTED
 
 
@@ -112,12 +113,15 @@ def test_sources_found_and_constants():
     k = cb.constants("advantages.h", "advantages_kernels.cuh")
     assert (k["kLossChunk"], k["kLossParts"]) == (nb.LOSS_CHUNK, nb.LOSS_PARTS)
     assert {"kGroupThreads", "kWinThreads", "kLossThreads"} <= set(k)
+    k = cb.constants("dpo_loss.h", "dpo_loss_kernels.cuh")
+    assert (k["kDpoChunk"], k["kDpoParts"]) == (nb.DPO_CHUNK, nb.DPO_PARTS)
+    assert {"kDpoThreads", "kDpoBackwardThreads"} <= set(k)
 
 
 def test_host_launch_geometry_uses_the_shared_constants():
     # the nvcc launchers take block sizes from the headers too (the cupy launchers read them there):
     # no number in a launch configuration but the loss finalize's single block and the stream's 0
-    for cu in ("sde_step.cu", "advantages.cu"):
+    for cu in ("sde_step.cu", "advantages.cu", "dpo_loss.cu"):
         text = (SRC / cu).read_text()
         configs = re.findall(r"<<<(.*?)>>>", text, re.S)
         assert configs
@@ -139,7 +143,7 @@ def test_kernel_headers_include_no_system_header():
 
 def test_name_expressions():
     names = cb.name_expressions()
-    assert len(names) == len(set(names)) == 48 + 1 + 24 + 6 + 2 + 3
+    assert len(names) == len(set(names)) == 48 + 1 + 24 + 6 + 2 + 3 + 3 + 1 + 3
     assert cb.instance("diffrl::sde::forward_kernel", 2, True, False, np.bool_(True), False) == \
         "diffrl::sde::forward_kernel<2, true, false, true, false>"
     assert cb.header_of("diffrl::adv::group_kernel<1, double>") == "advantages_kernels.cuh"
@@ -296,6 +300,9 @@ PTX_COMPARED = [
     "diffrl::adv::loss_partial_kernel",
     "diffrl::adv::loss_finalize_kernel",
     "diffrl::adv::loss_backward_kernel",
+    "diffrl::dpo::dpo_partial_kernel<2>",
+    "diffrl::dpo::dpo_finalize_kernel",
+    "diffrl::dpo::dpo_backward_kernel<1>",
 ]
 
 
@@ -357,6 +364,13 @@ def _record_launches(monkeypatch) -> list[tuple]:
                          hi=1.28, kl_coef=0.01, loss=next(p), stats=next(p), workspace=next(p), stream=7)
     cb.grpo_loss_backward(N=10000, adv_div=4, log_prob=next(p), old_log_prob=next(p), adv=next(p), lo=0.8, hi=1.28,
                           g_loss=next(p), g_log_prob=next(p), stream=7)
+    for dt, weighted, want_l in [(0, True, True), (1, False, False), (2, True, True)]:
+        cb.dpo_loss_forward(dtype=dt, B=B, D=D, policy_w=next(p), policy_l=next(p), ref_w=next(p), ref_l=next(p),
+                            target_w=next(p), target_l=next(p), weights=next(p) if weighted else 0, beta=5000.0,
+                            loss=next(p), stats=next(p), coef=next(p), workspace=next(p), stream=7)
+        cb.dpo_loss_backward(dtype=dt, B=B, D=D, policy_w=next(p), policy_l=next(p), target_w=next(p),
+                             target_l=next(p), coef=next(p), g_loss=next(p), g_policy_w=next(p),
+                             g_policy_l=next(p) if want_l else 0, stream=7)
     return calls
 
 
@@ -385,6 +399,11 @@ def test_cupy_launchers_match_the_kernels(nvrtc, monkeypatch):
     assert {c[1] for c in grp} == {1000}
     part = next(c for c in calls if c[0] == "diffrl::adv::loss_partial_kernel")
     assert part[1:3] == (3, 256)
+    k = cb.constants("dpo_loss.h", "dpo_loss_kernels.cuh")
+    dpo = [c for c in calls if c[0].startswith("diffrl::dpo::dpo_partial_kernel")]
+    assert {(c[1], c[2]) for c in dpo} == {(3 * 3, k["kDpoThreads"])}  # B * ceil(9000 / 4096) blocks
+    dpo_bwd = [c for c in calls if c[0].startswith("diffrl::dpo::dpo_backward_kernel")]
+    assert {(c[1], c[2]) for c in dpo_bwd} == {(3 * 36, k["kDpoBackwardThreads"])}  # B * ceil(9000 / 256)
 
 
 # ----------------------------------------------------------------------------------------------

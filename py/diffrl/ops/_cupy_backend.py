@@ -50,6 +50,9 @@ KERNELS: dict[str, tuple[str, tuple[tuple, ...]]] = {
     "diffrl::adv::loss_partial_kernel": ("advantages_kernels.cuh", ()),
     "diffrl::adv::loss_finalize_kernel": ("advantages_kernels.cuh", ()),
     "diffrl::adv::loss_backward_kernel": ("advantages_kernels.cuh", ()),
+    "diffrl::dpo::dpo_partial_kernel": ("dpo_loss_kernels.cuh", (_DT,)),
+    "diffrl::dpo::dpo_finalize_kernel": ("dpo_loss_kernels.cuh", ()),
+    "diffrl::dpo::dpo_backward_kernel": ("dpo_loss_kernels.cuh", (_DT,)),
 }
 
 
@@ -408,3 +411,29 @@ def win_rate(*, vals_double, B, vals, order, sorted_ids, out, stream):
     name = instance("diffrl::adv::win_rate_kernel", "double" if vals_double else "float")
     P = ptr
     launch(name, -(-B // nt), nt, (P(vals), P(order), P(sorted_ids), i64(B), P(out)), stream)
+
+
+def dpo_loss_forward(*, dtype, B, D, policy_w, policy_l, ref_w, ref_l, target_w, target_l, weights, beta, loss,
+                     stats, coef, workspace, stream):
+    if B == 0 or D == 0:
+        return
+    k = constants("dpo_loss.h", "dpo_loss_kernels.cuh")
+    nch = -(-D // k["kDpoChunk"])
+    P = ptr
+    launch(instance("diffrl::dpo::dpo_partial_kernel", dtype), B * nch, k["kDpoThreads"],
+           (P(policy_w), P(policy_l), P(ref_w), P(ref_l), P(target_w), P(target_l), i64(D), i64(nch), P(workspace)),
+           stream)
+    launch("diffrl::dpo::dpo_finalize_kernel", 1, k["kDpoThreads"],
+           (P(workspace), P(weights), i64(B), i64(D), i64(nch), f64(beta), P(loss), P(stats), P(coef)), stream)
+
+
+def dpo_loss_backward(*, dtype, B, D, policy_w, policy_l, target_w, target_l, coef, g_loss, g_policy_w, g_policy_l,
+                      stream):
+    if B == 0 or D == 0:
+        return
+    nt = constants("dpo_loss_kernels.cuh")["kDpoBackwardThreads"]
+    nblk = -(-D // nt)
+    P = ptr
+    launch(instance("diffrl::dpo::dpo_backward_kernel", dtype), B * nblk, nt,
+           (P(policy_w), P(policy_l), P(target_w), P(target_l), P(coef), P(g_loss), i64(D), i64(nblk),
+            P(g_policy_w), P(g_policy_l)), stream)

@@ -36,6 +36,7 @@ from diffrl.ops._native_backend import PointerBackend
 OP_LAUNCHERS: dict[str, tuple[str, ...]] = {
     "sde_step": ("sde_step_forward", "sde_step_backward"),
     "grpo_loss": ("grpo_loss_forward", "grpo_loss_backward"),
+    "diffusion_dpo_loss": ("dpo_loss_forward", "dpo_loss_backward"),
     "group_advantages": ("group_advantages",),
     "win_rate": ("win_rate",),
     "reward_attention": ("reward_attention_forward",),
@@ -130,6 +131,8 @@ _TRITON = {
     "sde_step_backward": "diffrl.kernels.sde_step:sde_step_backward",
     "grpo_loss_forward": "diffrl.kernels.grpo_loss:grpo_loss_forward",
     "grpo_loss_backward": "diffrl.kernels.grpo_loss:grpo_loss_backward",
+    "dpo_loss_forward": "diffrl.kernels.dpo_loss:dpo_loss_forward",
+    "dpo_loss_backward": "diffrl.kernels.dpo_loss:dpo_loss_backward",
     "group_advantages": "diffrl.kernels.advantages:group_advantages",
     "win_rate": "diffrl.kernels.advantages:win_rate",
     "reward_attention_forward": "diffrl.kernels.reward_attention:reward_attention_forward",

@@ -24,12 +24,15 @@ from diffrl import _native
 from diffrl.ops import _alloc
 
 LAUNCHERS = ("sde_step_forward", "sde_step_backward", "grpo_loss_forward", "grpo_loss_backward",
-             "group_advantages", "win_rate")
+             "group_advantages", "win_rate", "dpo_loss_forward", "dpo_loss_backward")
 
 SDE_CHUNK = 4096  # kChunk in csrc/sde_step.h
 LOSS_CHUNK = 4096  # kLossChunk in csrc/advantages.h
 LOSS_PARTS = 7  # kLossParts in csrc/advantages.h
 LOSS_STATS = 7  # kNumStats in csrc/advantages.h (diffrl.ops.loss.STAT_NAMES)
+DPO_CHUNK = 4096  # kDpoChunk in csrc/dpo_loss.h
+DPO_PARTS = 5  # kDpoParts in csrc/dpo_loss.h
+DPO_STATS = 6  # kDpoNumStats in csrc/dpo_loss.h (diffrl.ops.dpo.STAT_NAMES)
 
 
 def _ptr(t):
@@ -155,4 +158,30 @@ class PointerBackend:
         self._launch("win_rate", vals.device, args)
         return out
 
+    # ---- diffusion_dpo_loss ----
+    def dpo_loss_forward(self, pw, pl, rw, rl, tw, tl, weights, beta):
+        B = pw.shape[0]
+        D = pw.numel() // B
+        dev = pw.device
+        loss = _alloc.empty((), dtype=torch.float32, device=dev)
+        stats = _alloc.empty(DPO_STATS, dtype=torch.float32, device=dev)
+        coef = _alloc.empty(B, dtype=torch.float32, device=dev)
+        args = {"dtype": _native.dtype_code(pw.dtype), "B": B, "D": D, "policy_w": _ptr(pw), "policy_l": _ptr(pl),
+                "ref_w": _ptr(rw), "ref_l": _ptr(rl), "target_w": _ptr(tw), "target_l": _ptr(tl),
+                "weights": _ptr(weights), "beta": float(beta), "loss": _ptr(loss), "stats": _ptr(stats),
+                "coef": _ptr(coef)}
+        workspace = None
+        if self.gpu:  # per-(sample, chunk) partial sums
+            workspace = _alloc.empty(DPO_PARTS * B * -(-D // DPO_CHUNK), dtype=torch.float64, device=dev)
+        self._launch("dpo_loss_forward", dev, args, workspace)
+        return loss, stats, coef
 
+    def dpo_loss_backward(self, g_loss, coef, pw, pl, tw, tl, want_w, want_l):
+        B = pw.shape[0]
+        gw = _alloc.empty_like(pw) if want_w else None
+        gl = _alloc.empty_like(pl) if want_l else None
+        args = {"dtype": _native.dtype_code(pw.dtype), "B": B, "D": pw.numel() // B, "policy_w": _ptr(pw),
+                "policy_l": _ptr(pl), "target_w": _ptr(tw), "target_l": _ptr(tl), "coef": _ptr(coef),
+                "g_loss": _ptr(g_loss), "g_policy_w": _ptr(gw), "g_policy_l": _ptr(gl)}
+        self._launch("dpo_loss_backward", pw.device, args)
+        return gw, gl

@@ -494,7 +494,7 @@ class BaseTrainer:
                         elapsed = time.perf_counter() - t_start
                         bar.total = min(budget, elapsed + elapsed / len(records) * (total - self.epoch))
                         bar.update(min(bar.total, elapsed) - bar.n)
-                    bar.set_postfix(epoch=epoch, reward=f"{rec['reward_mean']:.4g}",
+                    bar.set_postfix(epoch=epoch, reward=f"{rec.get('reward_mean', float('nan')):.4g}",
                                     loss=f"{rec.get('loss', float('nan')):.3g}")
                 if self.nonfinite_streak >= cfg.max_nonfinite:
                     last = latest_checkpoint(self.ckpt_dir)

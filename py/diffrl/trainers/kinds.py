@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from diffrl.trainers.config import DDPOConfig, GRPOConfig, NFTConfig, RewardBackpropConfig, TrainConfig
+from diffrl.trainers.config import DDPOConfig, DPOConfig, GRPOConfig, NFTConfig, RewardBackpropConfig, TrainConfig
 
 __all__ = ["TrainerKind", "KINDS", "get_kind"]
 
@@ -32,6 +32,7 @@ KINDS: dict[str, TrainerKind] = {k.name: k for k in (
     TrainerKind("ddpo", "DDPO", DDPOConfig, "diffrl.trainers.ddpo:DDPOTrainer"),
     TrainerKind("reward_backprop", "reward backprop (AlignProp / DRaFT)", RewardBackpropConfig,
                 "diffrl.trainers.reward_backprop:RewardBackpropTrainer"),
+    TrainerKind("dpo", "Diffusion-DPO", DPOConfig, "diffrl.trainers.dpo:DPOTrainer"),
 )}
 
 

@@ -1,6 +1,6 @@
 """Named configurations, runnable with ``diffrl train --preset NAME``.
 
-A preset is a trainer kind (``grpo`` | ``nft`` | ``ddpo``) and config values (a value may be a function,
+A preset is a trainer kind (``grpo`` | ``nft`` | ``ddpo`` | ``dpo``) and config values (a value may be a function,
 called when the preset is used). ``pretrained: "builtin:shapes"`` is the packaged shapes model of ``diffrl
 demo`` (preset ``shapes-grpo``); ``pretrained: "tiny:<family>"``
 means a random-weight pipeline from ``diffrl.models.tiny`` (nothing is downloaded), which is
@@ -169,6 +169,18 @@ PRESETS: dict[str, dict] = {
         "trainer": "ddpo",
         "config": {**_TINY_COMMON, "pretrained": "tiny:sd", "output_dir": "runs/tiny-sd-ddpo-jpeg",
                    "clip_range": 0.2, "eta": 1.0, "tracker_buffer_size": 16, "tracker_min_count": 4},
+    },
+    # Diffusion-DPO on online pairs (the best vs the worst of each group by the reward); dpo_beta is
+    # the official code's beta_dpo (5000 for SD1.5 / SDXL), smaller here for the random tiny models
+    "tiny-sd-dpo-jpeg": {
+        "trainer": "dpo",
+        "config": {**_TINY_COMMON, "pretrained": "tiny:sd", "output_dir": "runs/tiny-sd-dpo-jpeg", "dpo_beta": 500.0,
+                   "group_size": 4},
+    },
+    "tiny-sd3-dpo-jpeg": {
+        "trainer": "dpo",
+        "config": {**_TINY_COMMON, "pretrained": "tiny:sd3", "output_dir": "runs/tiny-sd3-dpo-jpeg", "dpo_beta": 500.0,
+                   "group_size": 4},
     },
 }
 
