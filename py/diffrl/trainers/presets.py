@@ -105,6 +105,14 @@ PRESETS: dict[str, dict] = {
                    "max_minutes": 8.0, "train_batch_size": 16, "sde_window": [0, 5], "grpo_guard": True,
                    "timestep_fraction": 1.0, "clip_range": 1e-3, "kl_coef": 0.0, "lr": 2e-5},
     },
+    # online Diffusion-DPO on the shapes task (the colour-swapped model at CFG 1, like the demo; not tuned)
+    "shapes-dpo": {
+        "trainer": "dpo",
+        "config": {**_SHAPES_COMMON, "pretrained": "builtin:shapes-swapped", "guidance_scale": 1.0,
+                   "output_dir": "runs/shapes-dpo", "epochs": 100, "max_minutes": 8.0, "train_batch_size": 8,
+                   "dpo_beta": 1000.0, "lr": 1e-3, "use_lora": True, "lora_rank": 32, "lora_alpha": 32,
+                   "lora_target_modules": ["to_q", "to_k", "to_v", "to_out.0"], "ema_decay": 0.9},
+    },
     "tiny-sd3-jpeg": {
         "trainer": "grpo",
         "config": {**_TINY_COMMON, "pretrained": "tiny:sd3", "output_dir": "runs/tiny-sd3-jpeg",
