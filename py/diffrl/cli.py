@@ -1,4 +1,4 @@
-"""The ``diffrl`` command line: ``diffrl info``, ``diffrl train``, ``diffrl demo``."""
+"""The ``diffrl`` command line: ``diffrl info``, ``diffrl train``, ``diffrl demo``, ``diffrl serve-reward``."""
 
 from __future__ import annotations
 
@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     from diffrl.demo import add_demo_parser
 
     add_demo_parser(sub)
+    from diffrl.rewards.server import add_serve_parser
+
+    add_serve_parser(sub)
     # `diffrl train` takes free-form `--key value` config overrides; other subcommands take none
     args, extra = parser.parse_known_args(argv)
     if getattr(args, "allow_extra", False):

@@ -10,6 +10,11 @@ Editing (FLUX.1-Kontext): a reward whose call signature has a ``condition_images
 ``**kwargs``) is also given the input image of each sample, ``condition_images`` float [B, 3, h, w]
 in [0, 1] as the model saw it (``Rollout.condition_images``); other rewards are called as above.
 Video families decode to ``[B, 3, F, H, W]``: score them with ``FrameWise(image_reward)``.
+
+Per-prompt metadata (optional): ``reward(images, prompts, metadata=[dict | None] * B)``, e.g. the
+GenEval-style targets of a ``.jsonl`` prompts file. Every :class:`Reward` takes the keyword (and
+ignores it unless the subclass sets ``uses_metadata``); :func:`call_reward` passes it only to
+callables that accept it, so a plain ``(images, prompts)`` function keeps working.
 """
 
 from __future__ import annotations
@@ -36,10 +41,15 @@ class Reward:
     #: whether ``score`` is a torch function of the images whose gradient is wanted (reward backprop):
     #: then the checked images keep their autograd graph; otherwise they are detached
     differentiable: bool = False
+    uses_metadata: bool = False  # True: score(images, prompts, group_ids, metadata) gets the per-prompt metadata
 
-    def __call__(self, images, prompts, group_ids=None) -> dict[str, torch.Tensor]:
+    def __call__(self, images, prompts, group_ids=None, metadata=None) -> dict[str, torch.Tensor]:
+        name = type(self).__name__
         images, prompts, group_ids = check_inputs(images, prompts, group_ids, range_slack=self.range_slack,
-                                                  name=type(self).__name__, keep_grad=self.differentiable)
+                                                  name=name, keep_grad=self.differentiable)
+        metadata = check_metadata(metadata, len(prompts), name=name)
+        if self.uses_metadata:
+            return self.score(images, prompts, group_ids, metadata)
         return self.score(images, prompts, group_ids)
 
     def score(self, images: torch.Tensor, prompts: list[str],
@@ -47,14 +57,18 @@ class Reward:
         raise NotImplementedError
 
 
-def accepts_condition_images(reward) -> bool:
-    """Whether ``reward`` takes the ``condition_images`` keyword (named, or through ``**kwargs``)."""
+def _takes_keyword(fn, name: str) -> bool:
+    """Whether the callable ``fn`` takes the keyword ``name`` (named, or through ``**kwargs``)."""
     try:
-        params = inspect.signature(reward).parameters.values()
+        params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):  # a callable without an inspectable signature
         return False
-    return any((p.name == "condition_images" and p.kind is not p.POSITIONAL_ONLY) or p.kind is p.VAR_KEYWORD
-               for p in params)
+    return any((p.name == name and p.kind is not p.POSITIONAL_ONLY) or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def accepts_condition_images(reward) -> bool:
+    """Whether ``reward`` takes the ``condition_images`` keyword (named, or through ``**kwargs``)."""
+    return _takes_keyword(reward, "condition_images")
 
 
 def check_inputs(images, prompts, group_ids=None, *, range_slack: float = 1e-3, name: str = "reward",
@@ -102,13 +116,49 @@ def check_inputs(images, prompts, group_ids=None, *, range_slack: float = 1e-3, 
     return images, prompts, group_ids
 
 
+def check_metadata(metadata, n: int, *, name: str = "reward"):
+    """None, or a list of ``n`` entries each a dict (or None: no metadata for that prompt)."""
+    if metadata is None:
+        return None
+    if isinstance(metadata, (str, Mapping)) or not isinstance(metadata, Sequence):
+        raise TypeError(f"{name}: metadata must be a list of dicts (one per image), got {type(metadata).__name__}")
+    metadata = list(metadata)
+    if len(metadata) != n:
+        raise ValueError(f"{name}: {len(metadata)} metadata entries for {n} images (one per image)")
+    for i, m in enumerate(metadata):
+        if m is not None and not isinstance(m, Mapping):
+            raise TypeError(f"{name}: metadata[{i}] must be a dict or None, got {type(m).__name__}")
+    return metadata
+
+
+def accepts_metadata(fn) -> bool:
+    """Whether the reward callable ``fn`` takes a ``metadata`` keyword (a :class:`Reward` always does)."""
+    return isinstance(fn, Reward) or _takes_keyword(fn, "metadata")
+
+
+def call_reward(fn, images, prompts, group_ids=None, *, metadata=None, condition_images=None):
+    """``fn(images, prompts[, group_ids][, metadata=...][, condition_images=...])``: each optional argument
+    only when given and (the keywords) only when ``fn`` accepts it, so a plain ``(images, prompts)``
+    callable works unchanged."""
+    args = (images, prompts) if group_ids is None else (images, prompts, group_ids)
+    kw = {}
+    if metadata is not None and accepts_metadata(fn):
+        kw["metadata"] = metadata
+    if condition_images is not None and accepts_condition_images(fn):
+        kw["condition_images"] = condition_images
+    return fn(*args, **kw)
+
+
 class MultiReward(Reward):
     """Named rewards combined with weights: ``reward = sum_name weight[name] * rewards[name]["reward"]``.
 
     Every head of every reward is kept for logging as ``"<name>/<head>"`` (so ``"pick/reward"``,
     ``"jpeg/jpeg_kb"``, ...), next to the combined ``"reward"``. Weights default to 1.
-    Inputs are checked once here; each reward checks them again (cheap).
+    Inputs are checked once here; each reward checks them again (cheap). Metadata is passed on to the
+    rewards that accept it.
     """
+
+    uses_metadata = True
 
     def __init__(self, rewards: Mapping[str, Reward], weights: Mapping[str, float] | None = None):
         if not isinstance(rewards, Mapping) or not rewards:
@@ -131,11 +181,12 @@ class MultiReward(Reward):
                                          for h in getattr(r, "heads", ("reward",)))
         self.range_slack = min(getattr(r, "range_slack", Reward.range_slack) for r in self.rewards.values())
 
-    def score(self, images, prompts, group_ids):
+    def score(self, images, prompts, group_ids, metadata=None):
         out: dict[str, torch.Tensor] = {}
         total = torch.zeros(images.shape[0], dtype=torch.float32, device=images.device)
         for n, r in self.rewards.items():
-            res = r(images, prompts, group_ids)
+            res = r(images, prompts, group_ids) if metadata is None or not accepts_metadata(r) else \
+                r(images, prompts, group_ids, metadata=metadata)
             if "reward" not in res:
                 raise ValueError(f"MultiReward: reward {n!r} returned no 'reward' key (got {sorted(res)})")
             for h, val in res.items():

@@ -72,6 +72,14 @@ def _shapes(**kw):
     return ShapesReward(**kw)
 
 
+def _remote(**kw):
+    from diffrl.rewards import RemoteReward  # noqa: PLC0415
+
+    if "url" not in kw:
+        raise ValueError("reward 'remote' needs reward_kwargs.remote.url (the server of `diffrl serve-reward`)")
+    return RemoteReward(kw.pop("url"), **kw)
+
+
 _FACTORIES = {
     "jpeg_incompressibility": _jpeg_incompressibility,
     "jpeg_compressibility": _jpeg_compressibility,
@@ -85,6 +93,7 @@ _FACTORIES = {
     "hps": _hpsv2,
     "image_reward": _image_reward,
     "imagereward": _image_reward,
+    "remote": _remote,
 }
 REWARD_NAMES = tuple(_FACTORIES)
 
