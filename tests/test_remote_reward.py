@@ -246,8 +246,8 @@ def test_bad_answers_are_clear_errors(answer, match):
 
 
 def test_nonfinite_scores_pass_when_allowed():
-    with fake_server(lambda k, body: (200, json.dumps({"scores": {"reward": [float("nan"), 2.0]}}).encode())) as (url,
-                                                                                                                   _):
+    answer = json.dumps({"scores": {"reward": [float("nan"), 2.0]}}).encode()  # (Python writes NaN as JSON's NaN)
+    with fake_server(lambda k, body: (200, answer)) as (url, _):
         out = RemoteReward(url, allow_nonfinite=True)(torch.rand(2, 3, 8, 8), ["a", "b"])
         assert torch.isnan(out["reward"][0]) and out["reward"][1] == 2.0
 
@@ -259,7 +259,9 @@ def test_non_json_answer_is_a_clear_error():
 
 
 def test_5xx_is_retried_with_backoff_then_named():
-    flaky = lambda k, body: (503, b'{"error": "warming up"}') if k <= 2 else (200, _scores(len(body["prompts"])))  # noqa: E731
+    def flaky(k, body):
+        return (503, b'{"error": "warming up"}') if k <= 2 else (200, _scores(len(body["prompts"])))
+
     with fake_server(flaky) as (url, calls):
         t0 = time.monotonic()
         out = RemoteReward(url, retries=2, backoff=0.1)(torch.rand(2, 3, 8, 8), ["a", "b"])
@@ -311,7 +313,7 @@ def test_server_reports_bad_requests_and_reward_failures():
 
 def _config(out, url, **over):
     _, values = get_preset("tiny-sd3-jpeg")
-    values.update(num_inference_steps=2, output_dir=str(out), **over)
+    values.update(num_inference_steps=1, output_dir=str(out), **over)
     if url is not None:
         values.update(reward={"remote": 1.0}, reward_kwargs={"remote": {"url": url, "retries": 1, "backoff": 0.05,
                                                                         "timeout": 30}})
@@ -363,3 +365,42 @@ def test_training_through_the_server_killed_mid_run_and_resumed(tmp_path):
     finally:
         proc.kill()
         proc.communicate()
+
+
+def test_shapes_reward_targets_from_metadata():
+    """GenEval-style targets: an image scored against metadata listing its scene's objects equals the score
+    against the scene's prompt; free-text prompts then need no grammar. Also through the server."""
+    from diffrl.models.shapes import random_scene, render_batch
+
+    rng = np.random.default_rng(int(torch.randint(1 << 30, ())))  # (fresh per test id, from conftest's seed)
+    scenes = [random_scene(rng) for _ in range(6)]
+    images = render_batch(scenes, seeds=int(torch.randint(1000, ())))
+    meta = [{"include": [{"colour": o.colour, "shape": o.shape, "count": o.count} for o in s.objects],
+             "relation": s.relation} for s in scenes]
+    reward = ShapesReward()
+    by_prompt = reward(images, [s.prompt for s in scenes])
+    free = [f"a photo, take {i}" for i in range(6)]
+    by_meta = reward(images, free, metadata=meta)
+    for k in by_prompt:
+        assert torch.equal(by_meta[k], by_prompt[k]), k
+    # the first group in another colour (one not in the scene): never correct where the prompt's target was
+    from diffrl.models.shapes import COLORS
+
+    def recoloured(m):
+        used = {o["colour"] for o in m["include"]}
+        other = next(c for c in COLORS if c not in used)
+        return dict(m, include=[dict(m["include"][0], colour=other)] + m["include"][1:])
+
+    wrong = [recoloured(m) for m in meta]
+    off = reward(images, free, metadata=wrong)
+    assert by_prompt["correct"].sum() >= 3 and not bool(((off["correct"] == 1) & (by_prompt["correct"] == 1)).any())
+    # entries without "include" fall back to the prompt
+    mixed = reward(images, [s.prompt for s in scenes], metadata=[None, {"tag": "x"}] + meta[2:])
+    assert torch.equal(mixed["reward"], by_prompt["reward"])
+    with serving(reward) as url:
+        got = RemoteReward(url, max_batch=4)(images, free, metadata=meta)
+        assert all(torch.equal(got[k], by_prompt[k]) for k in by_prompt)
+    with pytest.raises(ValueError, match="metadata 1: unknown colour 'mauve'"):
+        reward(images[:2], free[:2], metadata=[meta[0], {"include": [{"colour": "mauve", "shape": "circle"}]}])
+    with pytest.raises(ValueError, match="metadata 0: .*need 'colour' and 'shape'"):
+        reward(images[:1], free[:1], metadata=[{"include": [{"count": 2}]}])

@@ -121,7 +121,8 @@ def encode_request(images, prompts, metadata=None, group_ids=None, fmt: str = "f
     try:
         return json.dumps(body, allow_nan=False).encode("utf-8")
     except (TypeError, ValueError) as e:
-        raise TypeError(f"RemoteReward: metadata must be JSON-serialisable (dicts of str, numbers, lists): {e}") from None
+        raise TypeError(f"RemoteReward: metadata must be JSON-serialisable (dicts of str, numbers, lists): {e}") \
+            from None
 
 
 def decode_request(raw: bytes):
@@ -193,10 +194,11 @@ class RemoteReward(Reward):
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"RemoteReward: retries must be an int >= 0, got {retries!r}")
         for name, v in (("timeout", timeout), ("backoff", backoff), ("max_backoff", max_backoff)):
+            positive = name == "timeout"
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or \
-                    (name == "timeout" and v == 0):
-                raise ValueError(f"RemoteReward: {name} must be a finite number {'> 0' if name == 'timeout' else '>= 0'}"
-                                 f", got {v!r}")
+                    (positive and v == 0):
+                raise ValueError(f"RemoteReward: {name} must be a finite number {'> 0' if positive else '>= 0'}, "
+                                 f"got {v!r}")
         self.url = url.rstrip("/")
         self.image_format = image_format
         self.max_batch = max_batch

@@ -38,6 +38,12 @@ shapes included -- and compared with the prompt's counts as multisets, with the 
   count, colour, shape, relation and correct instead (e.g. ``{"count": 1, "colour": 1, "shape": 1,
   "relation": 1, "correct": 4}`` pays strict correctness on top of partial credit); it is still 1
   exactly when ``correct`` is 1.
+
+Targets from metadata instead of the prompt (GenEval-style): ``reward(images, prompts, metadata=[...])``
+with an entry ``{"include": [{"colour": "red", "shape": "circle", "count": 2}, ...], "relation": "left of"}``
+(relation optional; the scene rules of :class:`diffrl.models.shapes.Scene` apply) scores that image
+against the listed objects whatever its prompt says; entries without ``"include"`` (or None) fall back
+to parsing the prompt.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffrl.models.shapes import BACKGROUND, COLORS, SHAPES, TRIANGLE_SLACK, parse_prompt
+from diffrl.models.shapes import BACKGROUND, COLORS, SHAPES, TRIANGLE_SLACK, ObjectSpec, Scene, parse_prompt
 
 _K = len(COLORS)
 _S = len(SHAPES) + 1  # + "other"
@@ -64,8 +70,24 @@ HEADS = ("reward", "correct", "count", "colour", "shape", "relation")
 
 @functools.lru_cache(maxsize=65536)
 def _prompt_target(prompt: str):
+    return _scene_target(parse_prompt(prompt))
+
+
+def scene_from_metadata(meta) -> Scene:
+    """The :class:`Scene` of a metadata entry ``{"include": [{"colour", "shape", "count"}, ...], "relation"}``."""
+    include = meta.get("include")
+    if not isinstance(include, (list, tuple)) or not all(isinstance(o, dict) for o in include):
+        raise ValueError(f"metadata 'include' must be a list of {{colour, shape, count}} objects, got {include!r}")
+    try:
+        objs = tuple(ObjectSpec(o.get("count", 1), o["colour"], o["shape"]) for o in include)
+    except KeyError as e:
+        raise ValueError(f"metadata 'include' entries need 'colour' and 'shape' (missing {e})") from None
+    return Scene(objs, meta.get("relation"))
+
+
+@functools.lru_cache(maxsize=65536)
+def _scene_target(scene: Scene):
     """(flat counts over K x S kinds, relation or None): relation = (kind index A, kind index B, code)."""
-    scene = parse_prompt(prompt)
     want = np.zeros(_K * _S, dtype=np.int64)
     for o in scene.objects:
         want[_COLOUR_INDEX[o.colour] * _S + _SHAPE_INDEX[o.shape]] += o.count
@@ -96,7 +118,7 @@ def _jaccard(det: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
 
 
 class ShapesReward:
-    """Scores images against shapes-grammar prompts: ``reward(images, prompts, group_ids=None)`` ->
+    """Scores images against shapes-grammar prompts: ``reward(images, prompts, group_ids=None, metadata=None)`` ->
     dict of float32 [B] tensors "reward", "correct", "count", "colour", "shape", "relation" (see the
     module docstring for their definitions). ``images``: float [B, 3, H, W] in [0, 1] (a tensor or a
     numpy array; values up to ``range_slack`` outside [0, 1] are accepted and clamped). ``group_ids``
@@ -297,18 +319,22 @@ class ShapesReward:
     # ------------------------------------------------------------------------------------------------
     # scoring
 
-    def __call__(self, images, prompts: Sequence[str], group_ids=None) -> dict[str, torch.Tensor]:
+    def __call__(self, images, prompts: Sequence[str], group_ids=None, metadata=None) -> dict[str, torch.Tensor]:
+        from diffrl.rewards.base import check_metadata  # noqa: PLC0415
+
         images = self._check_images(images)
         b, _, h, w = images.shape
         prompts = self._check_prompts(prompts, b)
         if group_ids is not None and len(group_ids) != b:
             raise ValueError(f"got {b} images but {len(group_ids)} group ids")
+        metadata = check_metadata(metadata, b, name="ShapesReward") or [None] * b
         targets = []
-        for i, p in enumerate(prompts):
+        for i, (p, m) in enumerate(zip(prompts, metadata)):
             try:
-                targets.append(_prompt_target(p))
-            except ValueError as e:
-                raise ValueError(f"prompt {i}: {e}") from None
+                targets.append(_prompt_target(p) if m is None or "include" not in m else
+                               _scene_target(scene_from_metadata(m)))
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{'prompt' if m is None or 'include' not in m else 'metadata'} {i}: {e}") from None
         dev = images.device
         want = torch.from_numpy(np.stack([t[0] for t in targets])).to(dev)  # [B, K*S]
         img, colour, shape, area, cx, cy = self._components(images)
@@ -352,4 +378,4 @@ class ShapesReward:
         return {"reward": reward, **heads}
 
 
-__all__ = ["ShapesReward", "HEADS"]
+__all__ = ["ShapesReward", "HEADS", "scene_from_metadata"]

@@ -32,7 +32,7 @@ import torch
 from diffrl.models.loading import load_pipeline  # re-exported: its home was here
 from diffrl.trainers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from diffrl.trainers.config import TrainConfig, config_to_dict
-from diffrl.trainers.data import RolloutSource
+from diffrl.trainers.data import RolloutSource, read_prompts
 from diffrl.trainers.kinds import KINDS, kind_of
 from diffrl.trainers.metrics import MetricsLog
 from diffrl.trainers.objectives import PPOObjective
@@ -138,7 +138,9 @@ class BaseTrainer:
         self.output_dir = Path(cfg.output_dir)
         self.ckpt_dir = self.output_dir / "checkpoints"
 
-        self.prompts = self._load_prompts()
+        self.prompts = self._load_prompts()  # (and prompt_metadata: one dict or None per prompt, or None)
+        self.eval_prompts, self.eval_metadata = read_prompts(cfg.eval_prompts, cfg.eval_prompts_file,
+                                                             key="eval_prompts")
         # the global RNG seeds what is initialised here (LoRA weights); resume overwrites them anyway
         torch.manual_seed(cfg.seed)
         # frozen weights in the mixed-precision dtype (half the memory); trained ones stay float32 below
@@ -302,12 +304,7 @@ class BaseTrainer:
 
     def _load_prompts(self) -> list[str]:
         cfg = self.config
-        prompts = list(cfg.prompts)
-        if cfg.prompts_file:
-            path = Path(cfg.prompts_file)
-            if not path.is_file():
-                raise FileNotFoundError(f"prompts_file {str(path)!r} does not exist")
-            prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        prompts, self.prompt_metadata = read_prompts(cfg.prompts, cfg.prompts_file)
         if not prompts:
             raise ValueError("config: no training prompts (set prompts or prompts_file)")
         return prompts
@@ -480,6 +477,8 @@ class BaseTrainer:
                 rec = self.run_epoch(epoch)
                 self.epoch = epoch
                 self.nonfinite_streak = self.nonfinite_streak + 1 if rec["nonfinite"] else 0
+                if cfg.eval_every and self.eval_prompts and epoch % cfg.eval_every == 0:
+                    rec.update(self.evaluate(epoch))  # (before the record is written: it holds eval/reward)
                 if self.metrics is not None:
                     self.metrics.write(rec)
                     if self.accelerator.trackers:  # TensorBoard / W&B: the numeric entries
@@ -506,8 +505,6 @@ class BaseTrainer:
                 # a non-finite epoch is not checkpointed: the last good checkpoint stays the newest
                 if not rec["nonfinite"] and cfg.save_every and epoch % cfg.save_every == 0:
                     self.save_state()
-                if cfg.eval_every and cfg.eval_prompts and epoch % cfg.eval_every == 0:
-                    self.save_grid(epoch)
         finally:
             if bar is not None:
                 bar.close()
@@ -589,22 +586,29 @@ class BaseTrainer:
 
     # ---- image grids -----------------------------------------------------------------------------
 
-    def save_grid(self, epoch: int) -> Path | None:
-        """One image per eval prompt, same noise every time, as ``<output_dir>/grids/epoch-NNNNNN.png``
-        (a video: its frames side by side)."""
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        """The held-out evaluation of ``epoch`` (:mod:`diffrl.trainers.evaluation`): grid and ``eval/*`` metrics."""
+        from diffrl.trainers.evaluation import evaluate_policy  # noqa: PLC0415
+
+        return evaluate_policy(self, epoch)
+
+    def save_grid(self, epoch: int, images: torch.Tensor | None = None) -> Path | None:
+        """One image per eval prompt as ``<output_dir>/grids/epoch-NNNNNN.png`` (a video: its frames side by
+        side): ``images`` [N, 3, (F,) H, W], or sampled here with the training sampler from the same noise."""
         if not self.accelerator.is_main_process and not self.parallel.partitioned:  # (FSDP, ZeRO-3: all ranks join)
             return None
         from PIL import Image  # noqa: PLC0415
 
         cfg = self.config
-        with torch.no_grad(), self.accelerator.autocast():
-            r = self.sampler.sample(list(cfg.eval_prompts), num_images_per_prompt=1,
-                                    num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                                    height=cfg.resolution, width=cfg.resolution,
-                                    generator=torch.Generator().manual_seed(cfg.seed))
+        if images is None:
+            with torch.no_grad(), self.accelerator.autocast():
+                images = self.sampler.sample(list(self.eval_prompts), num_images_per_prompt=1,
+                                             num_inference_steps=cfg.num_inference_steps,
+                                             guidance_scale=cfg.guidance_scale, height=cfg.resolution,
+                                             width=cfg.resolution, generator=torch.Generator().manual_seed(cfg.seed)
+                                             ).images
         if not self.accelerator.is_main_process:
             return None
-        images = r.images
         if images.dim() == 5:  # videos [B, 3, F, H, W]: the frames in a row, [B, 3, H, F W]
             b, c, f, h, w = images.shape
             images = images.permute(0, 1, 3, 2, 4).reshape(b, c, h, f * w)

@@ -38,8 +38,9 @@ class TrainConfig:
     # model and sampling
     pretrained: str = ""                 # a diffusers folder or hub id (or a preset's built-in model)
     prompts: list[str] = field(default_factory=list)  # training prompts (or prompts_file)
-    prompts_file: str = ""               # one prompt per line
-    eval_prompts: list[str] = field(default_factory=list)  # fixed prompts for image grids
+    prompts_file: str = ""               # one prompt per line (.jsonl: {"prompt": ..., <metadata>} per line)
+    eval_prompts: list[str] = field(default_factory=list)  # fixed held-out prompts: image grid and eval/reward
+    eval_prompts_file: str = ""          # more eval prompts, as prompts_file
     num_inference_steps: int = 10
     guidance_scale: float = 4.5
     resolution: int = 512
@@ -84,7 +85,8 @@ class TrainConfig:
     output_dir: str = "runs/diffrl"
     save_every: int = 1                  # epochs between checkpoints
     keep_last: int = 2                   # checkpoints kept
-    eval_every: int = 0                  # epochs between image grids (0: never)
+    eval_every: int = 0                  # epochs between evaluations of eval_prompts (0: never)
+    overlap_scoring: bool = False        # score each sampler call's images while the next one samples
     max_nonfinite: int = 3               # consecutive non-finite epochs before stopping
     log_with: list[str] = field(default_factory=list)  # tensorboard, wandb (when installed)
     device: str = "auto"                 # auto | cpu | cuda
@@ -117,6 +119,7 @@ class TrainConfig:
         _need(0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)")
         _need(self.keep_last >= 1, "keep_last must be >= 1")
         _need(self.max_nonfinite >= 1, "max_nonfinite must be >= 1")
+        _need(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
         _need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
               f"unknown device {self.device!r}")
         _need(len(self.reward) >= 1, "reward must name at least one reward")
