@@ -44,7 +44,7 @@ def evaluate_policy(trainer, epoch: int) -> dict[str, float]:
         return {}
     prompts, meta = list(tr.eval_prompts), tr.eval_metadata
     sampler = deterministic_sampler(tr.sampler)
-    images = []
+    images, conditions = [], []
     per_call = max(1, cfg.sample_batch_size)
     for s in range(0, len(prompts), per_call):
         chunk = prompts[s:s + per_call]
@@ -54,12 +54,14 @@ def evaluate_policy(trainer, epoch: int) -> dict[str, float]:
                                guidance_scale=cfg.guidance_scale, height=cfg.resolution, width=cfg.resolution,
                                generator=gens)
         images.append(r.images.float())
+        conditions.append(getattr(r, "condition_images", None))  # (an editing family's input images)
     if not tr.accelerator.is_main_process:
         return {}
     images = torch.cat(images)
+    condition_images = None if any(c is None for c in conditions) else torch.cat(conditions)
     tr.save_grid(epoch, images=images)
     with torch.no_grad():
-        out = call_reward(tr.reward_fn, images, prompts, metadata=meta)
+        out = call_reward(tr.reward_fn, images, prompts, metadata=meta, condition_images=condition_images)
     if not isinstance(out, dict) or "reward" not in out:
         raise TypeError("a reward must return a dict with a 'reward' entry")
     return {"eval/reward" if k == "reward" else f"eval/{k}": float(v.detach().float().mean())
