@@ -58,6 +58,7 @@ PRESETS: dict[str, dict] = {
     # the demo's default: NFTTrainer (forward-process, advantage-weighted flow matching) on the base model
     # with a colour-swap habit (builtin:shapes-swapped), CFG-free (sampled and trained at guidance 1, one model
     # call per step), LoRA rank 32 on the attention projections at lr 1e-3 (cosine to 0 over 100 epochs),
+    # sampled by an EMA of the trained weights (DiffusionNFT's old policy: decay 0.5, ramped over 25 epochs),
     # the weights' EMA (0.9) as the result; 100 epochs or 7 minutes (docs/demo.md: what was measured)
     "shapes-nft": {
         "trainer": "nft",
@@ -66,7 +67,8 @@ PRESETS: dict[str, dict] = {
                    "train_batch_size": 32, "inner_epochs": 2, "lr": 1e-3, "lr_scheduler": "cosine",
                    "adam_betas": [0.9, 0.99], "adam_weight_decay": 0.0, "nft_beta": 1.0, "nft_adv_scale": 2.0,
                    "use_lora": True, "lora_rank": 32, "lora_alpha": 32,
-                   "lora_target_modules": ["to_q", "to_k", "to_v", "to_out.0"], "ema_decay": 0.9},
+                   "lora_target_modules": ["to_q", "to_k", "to_v", "to_out.0"], "ema_decay": 0.9,
+                   "nft_old_policy": "ema", "nft_old_decay": 0.5, "nft_old_decay_ramp": 25},
     },
     # the demo's first configuration (until 2026-12-03), kept for comparison: full fine-tuning of the
     # packaged base model at CFG 4, lr 3e-5 (it gains nothing measurable: docs/demo.md, history)
