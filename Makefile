@@ -1,5 +1,5 @@
 # diffrl developer entry points. Each target creates or refreshes .venv itself.
-#   make demo     build, then RL (NFTTrainer + LoRA, preset shapes-nft) on the built-in shapes model with a colour habit, before/after held-out accuracy with its 95% interval (CPU, ~7.5 min after the venv)
+#   make demo     build, then RL (NFTTrainer + LoRA, preset shapes-nft) on the built-in shapes model with a colour habit, before/after held-out accuracy with its 95% interval (CPU, ~8 min after the venv)
 #   make bench    build, then benchmark the fused ops on this machine (results in bench/results/)
 #   make test     build, then run the test suite (Triton kernels under TRITON_INTERPRET=1 on a CPU)
 #   make install  only build: .venv with diffrl installed editable, with its dev extras

@@ -179,8 +179,10 @@ def test_short_nft_run_raises_reward(tmp_path):
     """40 epochs of the demo's preset (NFT, LoRA, CFG 1, on the colour-swapped model; constant lr) on four
     prompts raise their mean reward, measured on 24 fresh noise seeds per prompt at CFG 1, by more than 3
     standard errors of the seed-to-seed noise of the starting value; the preset's result (the EMA) is
-    measured. Measured on run seeds 0 and 1: +0.113 and +0.112 (0.504 -> 0.618 / 0.616) against 3 standard
-    errors of 0.041; ~80 s on 2 cores (16 epochs with the cosine decay: +0.005 / +0.018)."""
+    measured. Measured with the current preset (the 0.8-swap model, the EMA old policy ramped over 25 epochs)
+    on run seeds 0 and 1: +0.074 and +0.062 (0.499 -> 0.572 / 0.561) against 3 standard errors of 0.061; ~90 s
+    on 2 cores. (The previous preset: +0.113 / +0.112 against 0.041; the old policy's lag slows these first
+    40 epochs.)"""
     prompts = ["two red circles", "a blue square left of a yellow triangle", "three green triangles",
                "a purple circle above a red square"]
     _, values = get_preset("shapes-nft")
