@@ -9,7 +9,6 @@ images preprocessed with PIL as the authors' torchvision transforms do. No real 
 from __future__ import annotations
 
 import math
-import string
 
 import numpy as np
 import pytest
@@ -78,17 +77,11 @@ def _mha(x, kv, wq, bq, wk, bk, wv, bv, wo, bo, heads, *, causal=False, key_mask
 
 
 def _clip_tokenizer():
-    vocab = {}
-    for c in string.ascii_lowercase:
-        vocab[c] = len(vocab)
-    for c in string.ascii_lowercase:
-        vocab[c + "</w>"] = len(vocab)
-    for a, b in (("r", "e"), ("re", "d</w>"), ("o", "n</w>")):
-        vocab[a + b] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)  # the highest id, as in CLIP's vocabulary (open_clip pools at the argmax)
-    merges = [("r", "e"), ("re", "d</w>"), ("o", "n</w>")]
-    return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    """The tiny CLIP BPE tokenizer of tests/test_rewards.py (its end-of-text token has the highest id, as in
+    CLIP's vocabulary: open_clip pools at the argmax)."""
+    from test_rewards import _tokenizer  # noqa: PLC0415
+
+    return _tokenizer()[0]
 
 
 HPS = dict(wv=48, wt=32, embed=24, lv=2, lt=3, patch=8, image=32, ctx=77, head_width=16)
